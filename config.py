@@ -1,0 +1,111 @@
+"""Every TOPN_* setting, read once from the environment into one validated object.
+
+Defaults suit a single local box. Anything that reads configuration takes a
+`Config` instance; nothing else in the code base looks at `os.environ`.
+"""
+
+import dataclasses
+import os
+from urllib.parse import urlsplit, unquote
+
+
+class ConfigError(ValueError):
+    """A TOPN_* variable holds a value we cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mysql_url: str = 'mysql://root@127.0.0.1:3306/topn'
+    redis_url: str = 'redis://127.0.0.1:6379/0'
+    redis_prefix: str = 'topn'
+    bind: str = '127.0.0.1:8080'
+    web_threads: int = 8
+    max_request_bytes: int = 16 * 1024 * 1024
+    workers: int = 4
+    worker_slots: int = 2
+    user_max_active: int = 10
+    user_rate: int = 20
+    user_rate_window: int = 60
+    batch_max: int = 10
+    title_max_chars: int = 500
+    body_max_bytes: int = 1024 * 1024
+    max_retries: int = 3
+    retry_backoff: float = 2.0
+    task_timeout: float = 300.0
+    lease_ttl: float = 30.0
+    heartbeat_interval: float = 5.0
+    reaper_interval: float = 0.5
+    reconcile_interval: float = 10.0
+    shutdown_grace: float = 30.0
+    vip_turns: int = 2
+    noop_delay: float = 0.0
+    noop_fail_rate: float = 0.0
+
+    @property
+    def mysql(self):
+        """The MySQL URL split into pymysql connect() arguments."""
+        return parse_mysql_url(self.mysql_url)
+
+    @property
+    def bind_host_port(self):
+        host, _, port = self.bind.rpartition(':')
+        return host or '127.0.0.1', int(port)
+
+    @classmethod
+    def from_env(cls, environ=None):
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = 'TOPN_' + field.name.upper()
+            if name in environ:
+                values[field.name] = _convert(name, environ[name], field.type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self):
+        _require(self.workers >= 0, 'TOPN_WORKERS', 'must be 0 or more')
+        _require(self.worker_slots >= 1, 'TOPN_WORKER_SLOTS', 'must be 1 or more')
+        _require(self.web_threads >= 1, 'TOPN_WEB_THREADS', 'must be 1 or more')
+        _require(self.user_max_active >= 1, 'TOPN_USER_MAX_ACTIVE', 'must be 1 or more')
+        _require(self.user_rate >= 1, 'TOPN_USER_RATE', 'must be 1 or more')
+        _require(self.batch_max >= 1, 'TOPN_BATCH_MAX', 'must be 1 or more')
+        _require(self.max_retries >= 0, 'TOPN_MAX_RETRIES', 'must be 0 or more')
+        _require(self.retry_backoff >= 0, 'TOPN_RETRY_BACKOFF', 'must be 0 or more')
+        _require(self.task_timeout > 0, 'TOPN_TASK_TIMEOUT', 'must be more than 0')
+        _require(self.lease_ttl > self.heartbeat_interval > 0, 'TOPN_LEASE_TTL',
+                 'must be longer than TOPN_HEARTBEAT_INTERVAL, which must be more than 0')
+        _require(self.vip_turns >= 1, 'TOPN_VIP_TURNS', 'must be 1 or more')
+        _require(0 <= self.noop_fail_rate <= 1, 'TOPN_NOOP_FAIL_RATE', 'must be between 0 and 1')
+        _require(':' in self.bind, 'TOPN_BIND', 'must look like HOST:PORT')
+        _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
+        self.mysql
+
+
+def parse_mysql_url(url):
+    parts = urlsplit(url)
+    if parts.scheme not in ('mysql', 'mariadb') or not parts.path.strip('/'):
+        raise ConfigError(f'TOPN_MYSQL_URL {url!r} must look like mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE')
+    return {
+        'host': parts.hostname or '127.0.0.1',
+        'port': parts.port or 3306,
+        'user': unquote(parts.username or 'root'),
+        'password': unquote(parts.password or ''),
+        'database': parts.path.strip('/'),
+    }
+
+
+def _convert(name, raw, kind):
+    try:
+        if kind in (int, 'int'):
+            return int(raw)
+        if kind in (float, 'float'):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f'{name}={raw!r} is not a number') from None
+    return raw
+
+
+def _require(condition, name, rule):
+    if not condition:
+        raise ConfigError(f'{name} {rule}')

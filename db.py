@@ -1,0 +1,395 @@
+"""Everything that talks to MySQL.
+
+Connections are per thread (pymysql connections are not thread-safe) and are opened
+lazily, so a process that forks opens its own after the fork. A connection that has
+been idle is pinged first and reopened when the server dropped it; a connection lost
+in the middle of a transaction raises `DatabaseUnavailable`, which the callers handle
+at their boundary (the API answers 503, a worker backs off and tries again).
+
+Every statement is parameterized. Functions that act for a user take that user's id
+and put it in the WHERE clause, so one user can never reach another user's rows.
+Times are UTC: each session runs with time_zone '+00:00' and MySQL's clock is the only
+clock that stamps a task.
+"""
+
+import contextlib
+import pathlib
+import threading
+import time
+
+import pymysql
+import pymysql.cursors
+
+SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
+UNFINISHED = ('pending', 'running', 'retry')
+FINISHED = ('success', 'failed', 'cancelled')
+IDLE_PING_SECONDS = 1.0
+CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
+
+
+class DatabaseUnavailable(Exception):
+    """MySQL did not answer; nothing was committed by the statement that raised this."""
+
+
+class Database:
+    def __init__(self, params, connect_timeout=5):
+        self.params = dict(params)
+        self.connect_timeout = connect_timeout
+        self._local = threading.local()
+
+    def _open(self, database=True):
+        params = dict(self.params)
+        if not database:
+            params.pop('database')
+        try:
+            return pymysql.connect(
+                **params, charset='utf8mb4', autocommit=False,
+                cursorclass=pymysql.cursors.DictCursor,
+                connect_timeout=self.connect_timeout, read_timeout=60, write_timeout=60,
+                init_command="SET time_zone = '+00:00'")
+        except CONNECTION_ERRORS as error:
+            raise DatabaseUnavailable(
+                f"cannot connect to MySQL at {params['host']}:{params['port']}: {error}") from error
+
+    def _connection(self):
+        conn = getattr(self._local, 'conn', None)
+        idle = time.monotonic() - getattr(self._local, 'used', 0)
+        if conn is not None and idle > IDLE_PING_SECONDS:
+            try:
+                conn.ping(reconnect=False)
+            except CONNECTION_ERRORS:
+                self.close()
+                conn = None
+        if conn is None:
+            conn = self._local.conn = self._open()
+        self._local.used = time.monotonic()
+        return conn
+
+    def close(self):
+        conn = getattr(self._local, 'conn', None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Yield a cursor; commit when the block ends, roll back when it raises."""
+        conn = self._connection()
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise DatabaseUnavailable(f'lost the MySQL connection: {error}') from error
+        except BaseException:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                conn.rollback()
+            raise
+
+    def ping(self):
+        with self.transaction() as cur:
+            cur.execute('SELECT 1')
+
+    def initialize(self):
+        """Create the database if it is missing, then apply schema.sql (idempotent)."""
+        conn = self._open(database=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"CREATE DATABASE IF NOT EXISTS `{_identifier(self.params['database'])}` "
+                    'CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci')
+        finally:
+            conn.close()
+        with self.transaction() as cur:
+            for statement in schema_statements():
+                cur.execute(statement)
+
+    def drop_database(self):
+        conn = self._open(database=False)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{_identifier(self.params['database'])}`")
+        finally:
+            conn.close()
+
+    # -- users -----------------------------------------------------------------------
+
+    def create_user(self, name, password_hash, token_hash, is_admin=False, is_vip=False):
+        with self.transaction() as cur:
+            cur.execute(
+                'INSERT INTO users (name, password_hash, token_hash, is_admin, is_vip) '
+                'VALUES (%s, %s, %s, %s, %s)',
+                (name, password_hash, token_hash, int(is_admin), int(is_vip)))
+            return cur.lastrowid
+
+    def set_user_token(self, user_id, token_hash):
+        with self.transaction() as cur:
+            cur.execute('UPDATE users SET token_hash = %s WHERE id = %s', (token_hash, user_id))
+
+    def user_by_token_hash(self, token_hash):
+        with self.transaction() as cur:
+            cur.execute('SELECT id, name, is_admin, is_vip FROM users WHERE token_hash = %s', (token_hash,))
+            return cur.fetchone()
+
+    def user_by_name(self, name):
+        with self.transaction() as cur:
+            cur.execute('SELECT id, name, is_admin, is_vip FROM users WHERE name = %s', (name,))
+            return cur.fetchone()
+
+    def user_names(self, user_ids):
+        if not user_ids:
+            return {}
+        with self.transaction() as cur:
+            cur.execute('SELECT id, name FROM users WHERE id IN %s', (tuple(user_ids),))
+            return {row['id']: row['name'] for row in cur.fetchall()}
+
+    def vip_user_ids(self):
+        with self.transaction() as cur:
+            cur.execute('SELECT id FROM users WHERE is_vip = 1')
+            return {row['id'] for row in cur.fetchall()}
+
+    # -- admission (called inside one transaction by the scheduler) -------------------
+
+    @staticmethod
+    def lock_user(cur, user_id):
+        """Serialize admissions of one user: the row lock is held until commit."""
+        cur.execute('SELECT id, is_vip FROM users WHERE id = %s FOR UPDATE', (user_id,))
+        return cur.fetchone()
+
+    @staticmethod
+    def count_unfinished(cur, user_id):
+        cur.execute(
+            'SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s AND status IN %s',
+            (user_id, UNFINISHED))
+        return cur.fetchone()['n']
+
+    @staticmethod
+    def created_in_window(cur, user_id, seconds):
+        """How many tasks the user created in the last `seconds`, and when the oldest leaves the window."""
+        cur.execute(
+            'SELECT COUNT(*) AS n, '
+            'TIMESTAMPDIFF(MICROSECOND, NOW(3), MIN(created_at) + INTERVAL %s SECOND) / 1e6 AS leaves_in '
+            'FROM publish_tasks WHERE user_id = %s AND created_at > NOW(3) - INTERVAL %s SECOND',
+            (seconds, user_id, seconds))
+        row = cur.fetchone()
+        return row['n'], float(row['leaves_in'] or 0)
+
+    @staticmethod
+    def owned_article_ids(cur, user_id, article_ids):
+        if not article_ids:
+            return set()
+        cur.execute('SELECT id FROM articles WHERE user_id = %s AND id IN %s', (user_id, tuple(article_ids)))
+        return {row['id'] for row in cur.fetchall()}
+
+    @staticmethod
+    def insert_tasks(cur, rows):
+        cur.executemany(
+            'INSERT INTO publish_tasks (task_id, user_id, article_id, article_title, article_content, '
+            'platform, priority, max_retries) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)',
+            [(r['task_id'], r['user_id'], r['article_id'], r['title'], r['content'],
+              r['platform'], r['priority'], r['max_retries']) for r in rows])
+
+    # -- reading tasks for a user ----------------------------------------------------
+
+    def tasks_by_ids(self, user_id, task_ids):
+        if not task_ids:
+            return []
+        with self.transaction() as cur:
+            cur.execute(
+                f'SELECT {TASK_COLUMNS} FROM publish_tasks WHERE user_id = %s AND task_id IN %s ORDER BY id',
+                (user_id, tuple(task_ids)))
+            return cur.fetchall()
+
+    def task_for_user(self, user_id, task_id):
+        rows = self.tasks_by_ids(user_id, [task_id])
+        return rows[0] if rows else None
+
+    def list_tasks(self, user_id, status=None, offset=0, limit=20):
+        where, args = 'user_id = %s', [user_id]
+        if status:
+            where += ' AND status = %s'
+            args.append(status)
+        with self.transaction() as cur:
+            cur.execute(f'SELECT COUNT(*) AS n FROM publish_tasks WHERE {where}', args)
+            total = cur.fetchone()['n']
+            cur.execute(
+                f'SELECT {TASK_COLUMNS} FROM publish_tasks WHERE {where} ORDER BY id DESC LIMIT %s OFFSET %s',
+                args + [limit, offset])
+            return cur.fetchall(), total
+
+    def history(self, task_id):
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT attempt, worker_id, started_at, ended_at, outcome, error, result_url '
+                'FROM publish_history WHERE task_id = %s ORDER BY attempt', (task_id,))
+            return cur.fetchall()
+
+    # -- user actions on tasks -------------------------------------------------------
+
+    def cancel_queued(self, user_id, task_id):
+        """Cancel a task that no worker holds. True when this call cancelled it."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET status = 'cancelled', completed_at = NOW(3), next_attempt_at = NULL "
+                "WHERE user_id = %s AND task_id = %s AND status IN ('pending', 'retry')",
+                (user_id, task_id))
+            return cur.rowcount == 1
+
+    def request_cancel(self, user_id, task_id):
+        """Ask the worker running a task to stop at its next step. True when the task is running."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET cancel_requested = 1 "
+                "WHERE user_id = %s AND task_id = %s AND status = 'running'",
+                (user_id, task_id))
+            return cur.rowcount == 1
+
+    @staticmethod
+    def reopen_task(cur, user_id, task_id):
+        """Turn a failed or cancelled task back into a pending one with its retries restored."""
+        cur.execute(
+            "UPDATE publish_tasks SET status = 'pending', retry_count = 0, progress = 0, result_url = NULL, "
+            "error_message = NULL, completed_at = NULL, next_attempt_at = NULL, cancel_requested = 0 "
+            "WHERE user_id = %s AND task_id = %s AND status IN ('failed', 'cancelled')",
+            (user_id, task_id))
+        return cur.rowcount == 1
+
+    # -- worker side: attempts and leases --------------------------------------------
+
+    def start_attempt(self, task_id, worker_id, lease_ttl):
+        """Take a queued task for `worker_id`. None when it is not claimable (already
+        running elsewhere, cancelled, finished, or a retry whose backoff has not passed):
+        that is what keeps a task that sits twice in Redis from running twice."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET status = 'running', attempt = attempt + 1, progress = 0, "
+                "worker_id = %s, lease_expires_at = NOW(3) + INTERVAL %s MICROSECOND, "
+                "started_at = NOW(3), next_attempt_at = NULL, cancel_requested = 0 "
+                "WHERE task_id = %s AND status IN ('pending', 'retry') "
+                "AND (next_attempt_at IS NULL OR next_attempt_at <= NOW(3))",
+                (worker_id, int(lease_ttl * 1e6), task_id))
+            if cur.rowcount != 1:
+                return None
+            cur.execute(f'SELECT {TASK_COLUMNS}, article_content, attempt FROM publish_tasks WHERE task_id = %s',
+                        (task_id,))
+            task = cur.fetchone()
+            cur.execute(
+                'INSERT INTO publish_history (task_id, attempt, worker_id, started_at) VALUES (%s, %s, %s, %s)',
+                (task_id, task['attempt'], worker_id, task['started_at']))
+            cur.execute(
+                "SELECT outcome, started_at FROM publish_history WHERE task_id = %s AND attempt < %s "
+                "ORDER BY attempt", (task_id, task['attempt']))
+            task['earlier_attempts'] = cur.fetchall()
+            return task
+
+    def set_progress(self, task_id, attempt, progress):
+        """Record progress of a running attempt. Returns whether a cancel was requested,
+        or None when the attempt no longer owns the task (the reaper took it back)."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET progress = %s WHERE task_id = %s AND attempt = %s AND status = 'running'",
+                (progress, task_id, attempt))
+            cur.execute(
+                "SELECT cancel_requested FROM publish_tasks WHERE task_id = %s AND attempt = %s AND status = 'running'",
+                (task_id, attempt))
+            row = cur.fetchone()
+            return None if row is None else bool(row['cancel_requested'])
+
+    def renew_leases(self, worker_id, lease_ttl):
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET lease_expires_at = NOW(3) + INTERVAL %s MICROSECOND "
+                "WHERE worker_id = %s AND status = 'running'",
+                (int(lease_ttl * 1e6), worker_id))
+            return cur.rowcount
+
+    def expire_leases_of(self, worker_id):
+        """A worker is known dead: let the reaper take its tasks back now, not at lease expiry."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET lease_expires_at = NOW(3) WHERE worker_id = %s AND status = 'running'",
+                (worker_id,))
+            return cur.rowcount
+
+    def end_attempt(self, task_id, attempt, status, outcome, error=None, result_url=None, retry_in=None):
+        """Move a running attempt to its next state: success, failed, cancelled, or retry
+        (then `retry_in` seconds of backoff). False when the attempt no longer owns the
+        task, in which case nothing changed."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET status = %s, error_message = %s, "
+                "result_url = COALESCE(%s, result_url), "
+                "progress = IF(%s = 'success', 100, progress), "
+                "retry_count = retry_count + IF(%s = 'retry', 1, 0), "
+                "next_attempt_at = IF(%s = 'retry', NOW(3) + INTERVAL %s MICROSECOND, NULL), "
+                "completed_at = IF(%s IN ('success', 'failed', 'cancelled'), NOW(3), NULL), "
+                "worker_id = NULL, lease_expires_at = NULL, cancel_requested = 0 "
+                "WHERE task_id = %s AND attempt = %s AND status = 'running'",
+                (status, error, result_url, status, status, status, int((retry_in or 0) * 1e6), status,
+                 task_id, attempt))
+            if cur.rowcount != 1:
+                return False
+            cur.execute(
+                'UPDATE publish_history SET ended_at = NOW(3), outcome = %s, error = %s, result_url = %s '
+                'WHERE task_id = %s AND attempt = %s',
+                (outcome, error, result_url, task_id, attempt))
+            return True
+
+    def overdue_attempts(self, task_timeout):
+        """Running attempts whose lease expired or that ran past the task timeout."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT task_id, user_id, attempt, retry_count, max_retries, worker_id, "
+                "lease_expires_at < NOW(3) AS lease_expired "
+                "FROM publish_tasks WHERE status = 'running' AND "
+                "(lease_expires_at < NOW(3) OR started_at < NOW(3) - INTERVAL %s MICROSECOND)",
+                (int(task_timeout * 1e6),))
+            return cur.fetchall()
+
+    def claimable_tasks(self, task_id=None):
+        """Tasks that should be in Redis (all, or just `task_id` if it is one):
+        task_id, user_id, priority, and due_in, the seconds until its backoff ends."""
+        where, args = "status IN ('pending', 'retry')", []
+        if task_id is not None:
+            where += ' AND task_id = %s'
+            args.append(task_id)
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT task_id, user_id, priority, "
+                "GREATEST(0, TIMESTAMPDIFF(MICROSECOND, NOW(3), COALESCE(next_attempt_at, NOW(3))) / 1e6) AS due_in "
+                f"FROM publish_tasks WHERE {where} ORDER BY id", args)
+            return cur.fetchall()
+
+    # -- figures for operators ---------------------------------------------------------
+
+    def metrics(self):
+        with self.transaction() as cur:
+            cur.execute('SELECT status, COUNT(*) AS n FROM publish_tasks GROUP BY status')
+            by_status = {row['status']: row['n'] for row in cur.fetchall()}
+            cur.execute(
+                "SELECT COUNT(DISTINCT user_id) AS n FROM publish_tasks WHERE status IN %s", (UNFINISHED,))
+            active_users = cur.fetchone()['n']
+            cur.execute(
+                "SELECT AVG(TIMESTAMPDIFF(MICROSECOND, started_at, completed_at)) / 1e6 AS avg_seconds "
+                "FROM publish_tasks WHERE status = 'success'")
+            avg = cur.fetchone()['avg_seconds']
+        return by_status, active_users, float(avg) if avg is not None else None
+
+
+TASK_COLUMNS = (
+    'task_id, user_id, article_id, article_title, platform, priority, status, progress, result_url, '
+    'error_message, retry_count, max_retries, created_at, started_at, completed_at, updated_at')
+
+
+def schema_statements():
+    lines = [line for line in SCHEMA_PATH.read_text(encoding='utf-8').splitlines()
+             if not line.lstrip().startswith('--')]
+    return [statement.strip() for statement in '\n'.join(lines).split(';') if statement.strip()]
+
+
+def _identifier(name):
+    if not name.replace('_', '').isalnum():
+        raise ValueError(f'unsafe database name {name!r}')
+    return name

@@ -1,0 +1,13 @@
+"""Platform publishers, by the platform name users choose."""
+
+from publishers.noop import NoopPublisher
+
+PUBLISHER_CLASSES = (NoopPublisher,)
+
+
+def platform_names():
+    return [cls.name for cls in PUBLISHER_CLASSES]
+
+
+def load_publishers(config):
+    return {cls.name: cls.from_config(config) for cls in PUBLISHER_CLASSES}

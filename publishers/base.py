@@ -1,0 +1,91 @@
+"""The interface every platform publisher implements, and what it is handed per attempt.
+
+A publisher gets an `Attempt` and returns the URL of the article it verified on the
+platform, or raises `PublishError`. It calls `attempt.progress(percent)` between steps:
+that is where a cancel, a timeout or a lost lease stops it. Just before the step that
+makes the platform accept the article it calls `attempt.mark_submitted()`: from then on
+a cancel no longer stops it (the article is out; the task ends `success` with its URL).
+"""
+
+import time
+
+
+class PublishError(Exception):
+    """The platform refused the article or the flow broke.
+
+    `retryable=False` for what another attempt cannot fix (an expired login, an article
+    the platform rejects), so no retries are spent on it.
+    """
+
+    def __init__(self, message, retryable=True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class AttemptStopped(Exception):
+    """The attempt must stop now; the worker records why."""
+
+
+class AttemptCancelled(AttemptStopped):
+    pass
+
+
+class AttemptTimedOut(AttemptStopped):
+    pass
+
+
+class AttemptSuperseded(AttemptStopped):
+    """The reaper took the task back (our lease expired): someone else may run it now."""
+
+
+class Attempt:
+    """One attempt at one task, as a publisher sees it."""
+
+    def __init__(self, task, report_progress, timeout, clock=time.monotonic):
+        self.task_id = task['task_id']
+        self.user_id = task['user_id']
+        self.title = task['article_title']
+        self.content = task['article_content']
+        self.platform = task['platform']
+        self.number = task['attempt']
+        self.earlier_attempts = task.get('earlier_attempts', [])
+        self.submitted = False
+        self.cancel_requested = False
+        self._report_progress = report_progress
+        self._clock = clock
+        self._deadline = clock() + timeout
+        self._timeout = timeout
+
+    @property
+    def outcome_unknown(self):
+        """True when an earlier attempt ended without us knowing whether the platform
+        took the article (its worker vanished or it timed out): look before publishing."""
+        return any(earlier['outcome'] in ('lost', 'timeout') for earlier in self.earlier_attempts)
+
+    @property
+    def first_started_at(self):
+        starts = [earlier['started_at'] for earlier in self.earlier_attempts]
+        return min(starts) if starts else None
+
+    def progress(self, percent):
+        """Record progress and stop the attempt if it was cancelled, timed out or taken back."""
+        if self._clock() > self._deadline:
+            raise AttemptTimedOut(f'timed out after {self._timeout:g} s')
+        cancel_requested = self._report_progress(percent)
+        if cancel_requested is None:
+            raise AttemptSuperseded('the task was taken back from this worker')
+        self.cancel_requested = cancel_requested
+        if cancel_requested and not self.submitted:
+            raise AttemptCancelled('cancelled by the user')
+
+    def mark_submitted(self):
+        self.submitted = True
+
+
+class Publisher:
+    """Base class: `name` is the platform name users pick; `publish` does the work."""
+    name = None
+    needs_browser = False
+
+    def publish(self, attempt):
+        raise NotImplementedError

@@ -1,0 +1,459 @@
+"""Queues, limits, retries and recovery.
+
+MySQL holds every task and is the only truth about its state; Redis is the dispatch
+path and may lose everything at any moment without losing a task:
+
+- Admission runs in one MySQL transaction that holds the user's row lock, so the
+  per-user limits hold under any number of parallel requests.
+- Each user has a Redis list of queued task ids; a ring of users with work gives each
+  user one turn (a VIP user `vip_turns` turns) per round, so one user's backlog never
+  delays another user's next task by more than one turn. Urgent tasks go to the front
+  of their own user's list only.
+- A worker pops a task id with one Lua script, then takes the task with a conditional
+  UPDATE in MySQL (pending/retry -> running, attempt + 1, lease). Only that UPDATE makes
+  a task run, so a task id that sits in Redis twice still runs once.
+- The lease lives in MySQL and the worker's heartbeat renews it; a lease in Redis would
+  vanish with a FLUSHDB and make running tasks look abandoned.
+- The reaper requeues attempts whose lease expired or that ran past the task timeout,
+  promotes retries whose backoff has passed, and rebuilds the Redis queues from MySQL
+  whenever Redis lost them (and every `reconcile_interval` as a safety net).
+"""
+
+import logging
+import math
+import random
+import time
+import uuid
+
+import redis
+
+from db import DatabaseUnavailable
+
+log = logging.getLogger('topn.scheduler')
+
+PRIORITIES = ('normal', 'urgent')
+
+
+# -- errors the web layer maps to HTTP answers ---------------------------------------
+
+class Refused(Exception):
+    """A request we will not carry out; nothing was changed."""
+    status = 400
+
+    def __init__(self, code, message, retry_after=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidRequest(Refused):
+    status = 400
+
+
+class LimitReached(Refused):
+    status = 429
+
+
+class NotFound(Refused):
+    status = 404
+
+
+class Conflict(Refused):
+    status = 409
+
+
+# -- Redis keys ----------------------------------------------------------------------
+
+class Keys:
+    """Every Redis key TOP_N uses, under one prefix so deployments and test runs can share a server."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.queue_prefix = f'{prefix}:queue:'
+        self.ring = f'{prefix}:ring'
+        self.ring_members = f'{prefix}:ring:members'
+        self.turns_used = f'{prefix}:ring:turns'
+        self.weights = f'{prefix}:weights'
+        self.delayed = f'{prefix}:delayed'
+        self.wakeup = f'{prefix}:wakeup'
+        self.epoch = f'{prefix}:epoch'
+
+    def queue(self, user_id):
+        return f'{self.queue_prefix}{user_id}'
+
+
+# Push task ids onto one user's queue and make sure the user is in the ring.
+# KEYS: ring, ring_members, weights, wakeup, queue. ARGV: user_id, weight ('' keeps the
+# user's current weight), front (0/1), task ids...
+ENQUEUE_LUA = """
+local front = ARGV[3] == '1'
+for i = 4, #ARGV do
+  if front then redis.call('LPUSH', KEYS[5], ARGV[i]) else redis.call('RPUSH', KEYS[5], ARGV[i]) end
+  redis.call('LPUSH', KEYS[4], '1')
+end
+redis.call('LTRIM', KEYS[4], 0, 255)
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+return #ARGV - 3
+"""
+
+# Pop the next task id in round-robin order. The user at the head of the ring gives one
+# task per turn and has `weight` turns in a row; then it moves to the tail. Users whose
+# queue ran dry leave the ring. KEYS: ring, ring_members, turns_used, weights.
+# ARGV: queue key prefix. Returns {user_id, task_id} or nil.
+CLAIM_LUA = """
+local rounds = redis.call('LLEN', KEYS[1])
+for i = 1, rounds do
+  local uid = redis.call('LINDEX', KEYS[1], 0)
+  if not uid then return nil end
+  local queue = ARGV[1] .. uid
+  local task = redis.call('LPOP', queue)
+  if task then
+    local left = redis.call('LLEN', queue)
+    local weight = tonumber(redis.call('HGET', KEYS[4], uid) or '1')
+    local used = redis.call('HINCRBY', KEYS[3], uid, 1)
+    if left == 0 then
+      redis.call('LPOP', KEYS[1])
+      redis.call('SREM', KEYS[2], uid)
+      redis.call('HDEL', KEYS[3], uid)
+    elseif used >= weight then
+      redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
+      redis.call('HDEL', KEYS[3], uid)
+    end
+    return {uid, task}
+  end
+  redis.call('LPOP', KEYS[1])
+  redis.call('SREM', KEYS[2], uid)
+  redis.call('HDEL', KEYS[3], uid)
+end
+return nil
+"""
+
+# Move retries whose backoff has passed from the delayed set to their user's queue.
+# KEYS: delayed, ring, ring_members, weights, wakeup. ARGV: now, queue key prefix.
+PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  local sep = string.find(member, ':', 1, true)
+  local uid = string.sub(member, 1, sep - 1)
+  redis.call('RPUSH', ARGV[2] .. uid, string.sub(member, sep + 1))
+  redis.call('LPUSH', KEYS[5], '1')
+  if redis.call('SADD', KEYS[3], uid) == 1 then redis.call('RPUSH', KEYS[2], uid) end
+end
+redis.call('LTRIM', KEYS[5], 0, 255)
+return #due
+"""
+
+
+def connect_redis(url):
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
+
+
+class Scheduler:
+    def __init__(self, config, db, redis_client, platforms):
+        self.config = config
+        self.db = db
+        self.redis = redis_client
+        self.platforms = frozenset(platforms)
+        self.keys = Keys(config.redis_prefix)
+        self._enqueue = redis_client.register_script(ENQUEUE_LUA)
+        self._claim = redis_client.register_script(CLAIM_LUA)
+        self._promote = redis_client.register_script(PROMOTE_LUA)
+        self._last_reconcile = 0.0
+
+    # -- admission ---------------------------------------------------------------
+
+    def submit_batch(self, user_id, payload):
+        """Accept a whole batch or refuse it whole. Returns the new task ids in order."""
+        articles, platform, priority = self.validate_batch(payload)
+        self.redis.ping()
+        rows = [{
+            'task_id': str(uuid.uuid4()), 'user_id': user_id, 'article_id': article.get('article_id'),
+            'title': article['title'], 'content': article['content'], 'platform': platform,
+            'priority': priority, 'max_retries': self.config.max_retries,
+        } for article in articles]
+        with self.db.transaction() as cur:
+            user = self.db.lock_user(cur, user_id)
+            if user is None:
+                raise NotFound('user_not_found', 'this user no longer exists')
+            self._check_articles_owned(cur, user_id, rows)
+            self._check_limits(cur, user_id, len(rows))
+            self.db.insert_tasks(cur, rows)
+        task_ids = [row['task_id'] for row in rows]
+        self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == 'urgent')
+        return task_ids
+
+    def validate_batch(self, payload):
+        if not isinstance(payload, dict):
+            raise InvalidRequest('invalid_body', 'the request body must be a JSON object')
+        articles = payload.get('articles')
+        if not isinstance(articles, list) or not articles:
+            raise InvalidRequest('empty_batch', 'a batch needs at least one article in "articles"')
+        if len(articles) > self.config.batch_max:
+            raise InvalidRequest(
+                'batch_too_large', f'a batch holds at most {self.config.batch_max} articles, this one has {len(articles)}')
+        platform = payload.get('platform')
+        if platform not in self.platforms:
+            raise InvalidRequest(
+                'unknown_platform', f'unknown platform {platform!r}; known: {", ".join(sorted(self.platforms))}')
+        priority = payload.get('priority') or 'normal'
+        if priority not in PRIORITIES:
+            raise InvalidRequest('invalid_priority', f'priority must be one of {", ".join(PRIORITIES)}')
+        return [self._validate_article(i, article) for i, article in enumerate(articles)], platform, priority
+
+    def _validate_article(self, index, article):
+        where = f'article {index + 1}'
+        if not isinstance(article, dict):
+            raise InvalidRequest('invalid_article', f'{where} must be an object with "title" and "content"')
+        title, content, article_id = article.get('title'), article.get('content'), article.get('article_id')
+        if not isinstance(title, str) or not title.strip():
+            raise InvalidRequest('empty_title', f'{where} has an empty title')
+        if len(title) > self.config.title_max_chars:
+            raise InvalidRequest(
+                'title_too_long', f'{where}: the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidRequest('empty_content', f'{where} has an empty body')
+        size = len(content.encode('utf-8'))
+        if size > self.config.body_max_bytes:
+            raise InvalidRequest(
+                'content_too_large', f'{where}: the body is {size} bytes, at most {self.config.body_max_bytes} are allowed')
+        if article_id is not None and (not isinstance(article_id, int) or isinstance(article_id, bool) or article_id < 1):
+            raise InvalidRequest('invalid_article_id', f'{where}: article_id must be a positive integer')
+        return {'title': title.strip(), 'content': content, 'article_id': article_id}
+
+    def _check_articles_owned(self, cur, user_id, rows):
+        wanted = {row['article_id'] for row in rows if row['article_id'] is not None}
+        missing = wanted - self.db.owned_article_ids(cur, user_id, wanted)
+        if missing:
+            raise NotFound('article_not_found', f'no article with id {min(missing)}')
+
+    def _check_limits(self, cur, user_id, adding):
+        unfinished = self.db.count_unfinished(cur, user_id)
+        if unfinished + adding > self.config.user_max_active:
+            raise LimitReached(
+                'too_many_active',
+                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
+                f'unfinished at once; wait for some to finish before adding {adding} more',
+                retry_after=10)
+        recent, oldest_leaves_in = self.db.created_in_window(cur, user_id, self.config.user_rate_window)
+        if recent + adding > self.config.user_rate:
+            raise LimitReached(
+                'rate_limited',
+                f'you created {recent} tasks in the last {self.config.user_rate_window} s and at most '
+                f'{self.config.user_rate} are allowed in that time',
+                retry_after=max(1, math.ceil(oldest_leaves_in)))
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def enqueue(self, user_id, task_ids, is_vip=None, urgent=False):
+        """Queue task ids for a user; urgent ones go ahead of that user's other tasks.
+        `is_vip` None leaves the user's turns per round as they are."""
+        if not task_ids:
+            return
+        ordered = list(reversed(task_ids)) if urgent else list(task_ids)
+        weight = '' if is_vip is None else (self.config.vip_turns if is_vip else 1)
+        keys = self.keys
+        self._enqueue(keys=[keys.ring, keys.ring_members, keys.weights, keys.wakeup, keys.queue(user_id)],
+                      args=[user_id, weight, int(urgent), *ordered])
+
+    def _enqueue_after_commit(self, user_id, is_vip, task_ids, urgent):
+        """The rows are committed, so a Redis failure here loses nothing: the reaper's
+        reconcile pass puts the tasks on the queue from MySQL."""
+        try:
+            self.enqueue(user_id, task_ids, is_vip, urgent)
+        except redis.RedisError:
+            log.warning('could not queue %d tasks of user %s in Redis; reconcile will', len(task_ids), user_id)
+
+    def claim(self, worker_id):
+        """Pop task ids in round-robin order until one can be started. Returns the task row
+        (now running, with this attempt's lease) or None when nothing is runnable."""
+        keys = self.keys
+        while True:
+            popped = self._claim(keys=[keys.ring, keys.ring_members, keys.turns_used, keys.weights],
+                                 args=[keys.queue_prefix])
+            if not popped:
+                return None
+            user_id, task_id = int(popped[0]), popped[1]
+            try:
+                task = self.db.start_attempt(task_id, worker_id, self.config.lease_ttl)
+            except DatabaseUnavailable:
+                self._put_back(user_id, task_id)
+                raise
+            if task is not None:
+                return task
+            self._delay_if_not_due(task_id)
+
+    def _put_back(self, user_id, task_id):
+        try:
+            self.enqueue(user_id, [task_id], urgent=True)
+        except redis.RedisError:
+            log.warning('could not put task %s back; reconcile will', task_id)
+
+    def _delay_if_not_due(self, task_id):
+        """A popped task that did not start is either taken already (drop it) or a retry
+        that was promoted a little early by clock skew (put it back in the delayed set)."""
+        for row in self.db.claimable_tasks(task_id=task_id):
+            self._schedule(row['user_id'], task_id, float(row['due_in']))
+
+    def wait_for_work(self, timeout):
+        """Block until a task may have been queued, or `timeout` seconds pass."""
+        self.redis.blpop([self.keys.wakeup], timeout=timeout)
+
+    def _schedule(self, user_id, task_id, delay):
+        self.redis.zadd(self.keys.delayed, {f'{user_id}:{task_id}': time.time() + delay})
+
+    def promote_due_retries(self, now=None):
+        keys = self.keys
+        return self._promote(keys=[keys.delayed, keys.ring, keys.ring_members, keys.weights, keys.wakeup],
+                             args=[now if now is not None else time.time(), keys.queue_prefix])
+
+    # -- outcomes of attempts ------------------------------------------------------
+
+    def backoff(self, retry_count):
+        """Exponential backoff with +/-20% jitter: base, 2 x base, 4 x base, ..."""
+        return self.config.retry_backoff * (2 ** retry_count) * random.uniform(0.8, 1.2)
+
+    def record_success(self, task, url):
+        return self.db.end_attempt(task['task_id'], task['attempt'], 'success', 'success', result_url=url)
+
+    def record_cancelled(self, task):
+        return self.db.end_attempt(task['task_id'], task['attempt'], 'cancelled', 'cancelled',
+                                   error='cancelled by the user')
+
+    def record_failure(self, task, error, retryable=True, outcome='failed'):
+        """Fail one attempt: queue a retry after backoff while retries are left, else fail the task.
+        Returns the task's new status, or None when the attempt no longer owned the task."""
+        task_id, attempt = task['task_id'], task['attempt']
+        if retryable and task['retry_count'] < task['max_retries']:
+            delay = self.backoff(task['retry_count'])
+            if not self.db.end_attempt(task_id, attempt, 'retry', outcome, error=error, retry_in=delay):
+                return None
+            try:
+                self._schedule(task['user_id'], task_id, delay)
+            except redis.RedisError:
+                log.warning('could not schedule retry of %s in Redis; reconcile will', task_id)
+            return 'retry'
+        if not self.db.end_attempt(task_id, attempt, 'failed', outcome, error=error):
+            return None
+        return 'failed'
+
+    # -- user actions ----------------------------------------------------------------
+
+    def cancel(self, user_id, task_id):
+        """Cancel a task. Returns 'cancelled' when done at once, 'cancelling' when its
+        worker will stop at its next step."""
+        for _ in range(3):
+            if self.db.cancel_queued(user_id, task_id):
+                self._remove_from_queues(user_id, task_id)
+                return 'cancelled'
+            if self.db.request_cancel(user_id, task_id):
+                return 'cancelling'
+            task = self.db.task_for_user(user_id, task_id)
+            if task is None:
+                raise NotFound('task_not_found', f'no task {task_id}')
+            if task['status'] in ('success', 'failed', 'cancelled'):
+                raise Conflict('task_finished', f'the task is already {task["status"]} and cannot be cancelled')
+        raise Conflict('task_busy', 'the task changed state while cancelling; try again')
+
+    def _remove_from_queues(self, user_id, task_id):
+        try:
+            self.redis.lrem(self.keys.queue(user_id), 0, task_id)
+            self.redis.zrem(self.keys.delayed, f'{user_id}:{task_id}')
+        except redis.RedisError:
+            log.info('task %s cancelled; its queue entry stays until a worker drops it', task_id)
+
+    def retry(self, user_id, task_id):
+        """Give a failed or cancelled task a fresh set of attempts."""
+        self.redis.ping()
+        with self.db.transaction() as cur:
+            user = self.db.lock_user(cur, user_id)
+            self._check_limits_for_retry(cur, user_id)
+            reopened = self.db.reopen_task(cur, user_id, task_id)
+        if not reopened:
+            task = self.db.task_for_user(user_id, task_id)
+            if task is None:
+                raise NotFound('task_not_found', f'no task {task_id}')
+            raise Conflict('task_not_retryable',
+                           f'only failed or cancelled tasks can be retried; this one is {task["status"]}')
+        self._enqueue_after_commit(user_id, bool(user['is_vip']), [task_id], urgent=False)
+
+    def _check_limits_for_retry(self, cur, user_id):
+        unfinished = self.db.count_unfinished(cur, user_id)
+        if unfinished + 1 > self.config.user_max_active:
+            raise LimitReached(
+                'too_many_active',
+                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
+                'unfinished at once; wait for some to finish before retrying', retry_after=10)
+
+    # -- recovery --------------------------------------------------------------------
+
+    def reap(self, now=None):
+        """One pass of the reaper: rebuild Redis if it lost our keys, promote due retries,
+        take back overdue attempts, and reconcile Redis with MySQL now and then."""
+        now = time.monotonic() if now is None else now
+        if not self.redis.exists(self.keys.epoch):
+            if self._last_reconcile:
+                log.warning('Redis has lost the dispatch queues (restart or flush); rebuilding them from MySQL')
+            self.rebuild_queues()
+        elif now - self._last_reconcile >= self.config.reconcile_interval:
+            self.rebuild_queues()
+        self.promote_due_retries()
+        return self.requeue_overdue_attempts()
+
+    def requeue_overdue_attempts(self):
+        taken_back = 0
+        for row in self.db.overdue_attempts(self.config.task_timeout):
+            if row['lease_expired']:
+                reason, outcome = f'worker {row["worker_id"]} stopped answering (lease expired)', 'lost'
+            else:
+                reason, outcome = f'timed out after {self.config.task_timeout:g} s', 'timeout'
+            status = self.record_failure(row, reason, retryable=True, outcome=outcome)
+            if status:
+                taken_back += 1
+                log.warning('task %s attempt %s: %s; now %s', row['task_id'], row['attempt'], reason, status)
+        return taken_back
+
+    def rebuild_queues(self):
+        """Queue every claimable task that Redis does not hold. Idempotent, and safe to run
+        while workers claim: a task queued twice is started only once (see `claim`)."""
+        self._last_reconcile = time.monotonic()
+        rows = self.db.claimable_tasks()
+        vips = self.db.vip_user_ids() if rows else set()
+        present = self._ids_in_redis({row['user_id'] for row in rows})
+        missing = [row for row in rows if row['task_id'] not in present]
+        ready = {}
+        for row in missing:
+            if row['due_in'] > 0:
+                self._schedule(row['user_id'], row['task_id'], float(row['due_in']))
+            else:
+                ready.setdefault((row['user_id'], row['priority'] == 'urgent'), []).append(row['task_id'])
+        for (user_id, urgent), task_ids in ready.items():
+            self.enqueue(user_id, task_ids, user_id in vips, urgent)
+        self.redis.set(self.keys.epoch, str(time.time()))
+        added = len(missing)
+        if added:
+            log.warning('reconcile queued %d tasks that Redis did not hold', added)
+        return added
+
+    def _ids_in_redis(self, user_ids):
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.lrange(self.keys.queue(user_id), 0, -1)
+        pipe.zrange(self.keys.delayed, 0, -1)
+        *queues, delayed = pipe.execute()
+        present = {task_id for queue in queues for task_id in queue}
+        present.update(member.split(':', 1)[1] for member in delayed)
+        return present
+
+    # -- figures -----------------------------------------------------------------------
+
+    def queue_lengths(self):
+        """Queued task ids per user id (tasks waiting out a retry backoff are not counted)."""
+        user_ids = sorted(self.redis.smembers(self.keys.ring_members), key=int)
+        lengths = [self.redis.llen(self.keys.queue(uid)) for uid in user_ids]
+        return {int(uid): n for uid, n in zip(user_ids, lengths)}
+
+    def waiting_retries(self):
+        return self.redis.zcard(self.keys.delayed)

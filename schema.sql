@@ -1,0 +1,79 @@
+-- TOP_N schema. MySQL is the source of truth for every task; Redis only carries dispatch.
+-- Safe to apply twice: every statement is CREATE ... IF NOT EXISTS.
+
+CREATE TABLE IF NOT EXISTS users (
+    id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    name          VARCHAR(64)  NOT NULL,
+    password_hash VARCHAR(255) NOT NULL,
+    token_hash    CHAR(64)     NOT NULL,
+    is_admin      TINYINT(1)   NOT NULL DEFAULT 0,
+    is_vip        TINYINT(1)   NOT NULL DEFAULT 0,
+    created_at    DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    UNIQUE KEY uq_users_name (name),
+    UNIQUE KEY uq_users_token (token_hash)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS articles (
+    id         BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    user_id    BIGINT UNSIGNED NOT NULL,
+    title      VARCHAR(500) NOT NULL,
+    content    MEDIUMTEXT   NOT NULL,
+    created_at DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    updated_at DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+    KEY ix_articles_user (user_id),
+    CONSTRAINT fk_articles_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- One row per article to publish. `attempt` counts attempts started; `retry_count` counts
+-- the retries used up (at most `max_retries`). A running attempt holds a lease
+-- (`worker_id`, `lease_expires_at`) that its worker's heartbeat renews; every state change
+-- is a conditional UPDATE on (status, attempt), so a stale worker can never overwrite a
+-- newer attempt.
+CREATE TABLE IF NOT EXISTS publish_tasks (
+    id               BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    task_id          CHAR(36)     NOT NULL,
+    user_id          BIGINT UNSIGNED NOT NULL,
+    article_id       BIGINT UNSIGNED NULL,
+    article_title    VARCHAR(500) NOT NULL,
+    article_content  MEDIUMTEXT   NOT NULL,
+    platform         VARCHAR(32)  NOT NULL,
+    priority         ENUM('normal', 'urgent') NOT NULL DEFAULT 'normal',
+    status           ENUM('pending', 'running', 'success', 'failed', 'retry', 'cancelled') NOT NULL DEFAULT 'pending',
+    progress         TINYINT UNSIGNED NOT NULL DEFAULT 0,
+    result_url       VARCHAR(1024) NULL,
+    error_message    TEXT         NULL,
+    retry_count      INT UNSIGNED NOT NULL DEFAULT 0,
+    max_retries      INT UNSIGNED NOT NULL DEFAULT 3,
+    attempt          INT UNSIGNED NOT NULL DEFAULT 0,
+    worker_id        VARCHAR(128) NULL,
+    lease_expires_at DATETIME(3)  NULL,
+    next_attempt_at  DATETIME(3)  NULL,
+    cancel_requested TINYINT(1)   NOT NULL DEFAULT 0,
+    created_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    started_at       DATETIME(3)  NULL,
+    completed_at     DATETIME(3)  NULL,
+    updated_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+    UNIQUE KEY uq_tasks_task_id (task_id),
+    KEY ix_tasks_user_status (user_id, status),
+    KEY ix_tasks_user_created (user_id, created_at),
+    KEY ix_tasks_status (status),
+    KEY ix_tasks_created (created_at),
+    KEY ix_tasks_lease (status, lease_expires_at),
+    CONSTRAINT fk_tasks_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- One row per attempt. outcome: running while under way, then success, failed, timeout,
+-- lost (the worker vanished: lease expired), or cancelled.
+CREATE TABLE IF NOT EXISTS publish_history (
+    id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    task_id     CHAR(36)     NOT NULL,
+    attempt     INT UNSIGNED NOT NULL,
+    worker_id   VARCHAR(128) NOT NULL,
+    started_at  DATETIME(3)  NOT NULL,
+    ended_at    DATETIME(3)  NULL,
+    outcome     ENUM('running', 'success', 'failed', 'timeout', 'lost', 'cancelled') NOT NULL DEFAULT 'running',
+    error       TEXT         NULL,
+    result_url  VARCHAR(1024) NULL,
+    UNIQUE KEY uq_history_attempt (task_id, attempt),
+    CONSTRAINT fk_history_task FOREIGN KEY (task_id) REFERENCES publish_tasks (task_id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
