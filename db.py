@@ -1,10 +1,10 @@
 """Everything that talks to MySQL.
 
 Connections are per thread (pymysql connections are not thread-safe) and are opened
-lazily, so a process that forks opens its own after the fork. A connection that has
-been idle is pinged first and reopened when the server dropped it; a connection lost
-in the middle of a transaction raises `DatabaseUnavailable`, which the callers handle
-at their boundary (the API answers 503, a worker backs off and tries again).
+lazily, so a process that forks opens its own after the fork. A transaction that finds
+its connection dead before COMMIT (MySQL restarted, connection killed) is run again
+once on a new connection; when MySQL stays away, `DatabaseUnavailable` goes up to the
+caller's boundary (the API answers 503, a worker backs off and tries again).
 
 Every statement is parameterized. Functions that act for a user take that user's id
 and put it in the WHERE clause, so one user can never reach another user's rows.
@@ -13,9 +13,9 @@ clock that stamps a task.
 """
 
 import contextlib
+import functools
 import pathlib
 import threading
-import time
 
 import pymysql
 import pymysql.cursors
@@ -23,12 +23,30 @@ import pymysql.cursors
 SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
 UNFINISHED = ('pending', 'running', 'retry')
 FINISHED = ('success', 'failed', 'cancelled')
-IDLE_PING_SECONDS = 1.0
 CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
 
 
 class DatabaseUnavailable(Exception):
-    """MySQL did not answer; nothing was committed by the statement that raised this."""
+    """MySQL did not answer. Raised before COMMIT, nothing was written; raised by the
+    COMMIT itself, the outcome is unknown (every state change is a conditional UPDATE,
+    so doing it again is harmless)."""
+
+
+class ConnectionLost(DatabaseUnavailable):
+    """The connection died before COMMIT: the server rolled the transaction back, so
+    running it again on a new connection is safe."""
+
+
+def reconnects(method):
+    """Run a one-transaction method once more on a fresh connection when the old one
+    turns out to be dead (a MySQL restart or a killed connection looks like this)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ConnectionLost:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Database:
@@ -53,16 +71,8 @@ class Database:
 
     def _connection(self):
         conn = getattr(self._local, 'conn', None)
-        idle = time.monotonic() - getattr(self._local, 'used', 0)
-        if conn is not None and idle > IDLE_PING_SECONDS:
-            try:
-                conn.ping(reconnect=False)
-            except CONNECTION_ERRORS:
-                self.close()
-                conn = None
         if conn is None:
             conn = self._local.conn = self._open()
-        self._local.used = time.monotonic()
         return conn
 
     def close(self):
@@ -76,18 +86,29 @@ class Database:
     def transaction(self):
         """Yield a cursor; commit when the block ends, roll back when it raises."""
         conn = self._connection()
+        committing = False
         try:
             with conn.cursor() as cur:
                 yield cur
+            committing = True
             conn.commit()
         except CONNECTION_ERRORS as error:
             self.close()
-            raise DatabaseUnavailable(f'lost the MySQL connection: {error}') from error
+            if committing:
+                raise DatabaseUnavailable(f'lost the MySQL connection while committing: {error}') from error
+            raise ConnectionLost(f'lost the MySQL connection: {error}') from error
         except BaseException:
             with contextlib.suppress(*CONNECTION_ERRORS):
                 conn.rollback()
             raise
 
+    @reconnects
+    def run_transaction(self, work):
+        """`work(cursor)` in one transaction, run again on a new connection if the old one was dead."""
+        with self.transaction() as cur:
+            return work(cur)
+
+    @reconnects
     def ping(self):
         with self.transaction() as cur:
             cur.execute('SELECT 1')
@@ -116,6 +137,7 @@ class Database:
 
     # -- users -----------------------------------------------------------------------
 
+    @reconnects
     def create_user(self, name, password_hash, token_hash, is_admin=False, is_vip=False):
         with self.transaction() as cur:
             cur.execute(
@@ -124,20 +146,24 @@ class Database:
                 (name, password_hash, token_hash, int(is_admin), int(is_vip)))
             return cur.lastrowid
 
+    @reconnects
     def set_user_token(self, user_id, token_hash):
         with self.transaction() as cur:
             cur.execute('UPDATE users SET token_hash = %s WHERE id = %s', (token_hash, user_id))
 
+    @reconnects
     def user_by_token_hash(self, token_hash):
         with self.transaction() as cur:
             cur.execute('SELECT id, name, is_admin, is_vip FROM users WHERE token_hash = %s', (token_hash,))
             return cur.fetchone()
 
+    @reconnects
     def user_by_name(self, name):
         with self.transaction() as cur:
             cur.execute('SELECT id, name, is_admin, is_vip FROM users WHERE name = %s', (name,))
             return cur.fetchone()
 
+    @reconnects
     def user_names(self, user_ids):
         if not user_ids:
             return {}
@@ -145,6 +171,7 @@ class Database:
             cur.execute('SELECT id, name FROM users WHERE id IN %s', (tuple(user_ids),))
             return {row['id']: row['name'] for row in cur.fetchall()}
 
+    @reconnects
     def vip_user_ids(self):
         with self.transaction() as cur:
             cur.execute('SELECT id FROM users WHERE is_vip = 1')
@@ -193,6 +220,7 @@ class Database:
 
     # -- reading tasks for a user ----------------------------------------------------
 
+    @reconnects
     def tasks_by_ids(self, user_id, task_ids):
         if not task_ids:
             return []
@@ -206,6 +234,7 @@ class Database:
         rows = self.tasks_by_ids(user_id, [task_id])
         return rows[0] if rows else None
 
+    @reconnects
     def list_tasks(self, user_id, status=None, offset=0, limit=20):
         where, args = 'user_id = %s', [user_id]
         if status:
@@ -219,6 +248,7 @@ class Database:
                 args + [limit, offset])
             return cur.fetchall(), total
 
+    @reconnects
     def history(self, task_id):
         with self.transaction() as cur:
             cur.execute(
@@ -228,6 +258,7 @@ class Database:
 
     # -- user actions on tasks -------------------------------------------------------
 
+    @reconnects
     def cancel_queued(self, user_id, task_id):
         """Cancel a task that no worker holds. True when this call cancelled it."""
         with self.transaction() as cur:
@@ -237,6 +268,7 @@ class Database:
                 (user_id, task_id))
             return cur.rowcount == 1
 
+    @reconnects
     def request_cancel(self, user_id, task_id):
         """Ask the worker running a task to stop at its next step. True when the task is running."""
         with self.transaction() as cur:
@@ -258,6 +290,7 @@ class Database:
 
     # -- worker side: attempts and leases --------------------------------------------
 
+    @reconnects
     def start_attempt(self, task_id, worker_id, lease_ttl):
         """Take a queued task for `worker_id`. None when it is not claimable (already
         running elsewhere, cancelled, finished, or a retry whose backoff has not passed):
@@ -284,6 +317,7 @@ class Database:
             task['earlier_attempts'] = cur.fetchall()
             return task
 
+    @reconnects
     def set_progress(self, task_id, attempt, progress):
         """Record progress of a running attempt. Returns whether a cancel was requested,
         or None when the attempt no longer owns the task (the reaper took it back)."""
@@ -297,6 +331,7 @@ class Database:
             row = cur.fetchone()
             return None if row is None else bool(row['cancel_requested'])
 
+    @reconnects
     def renew_leases(self, worker_id, lease_ttl):
         with self.transaction() as cur:
             cur.execute(
@@ -305,6 +340,7 @@ class Database:
                 (int(lease_ttl * 1e6), worker_id))
             return cur.rowcount
 
+    @reconnects
     def expire_leases_of(self, worker_id):
         """A worker is known dead: let the reaper take its tasks back now, not at lease expiry."""
         with self.transaction() as cur:
@@ -313,6 +349,7 @@ class Database:
                 (worker_id,))
             return cur.rowcount
 
+    @reconnects
     def end_attempt(self, task_id, attempt, status, outcome, error=None, result_url=None, retry_in=None):
         """Move a running attempt to its next state: success, failed, cancelled, or retry
         (then `retry_in` seconds of backoff). False when the attempt no longer owns the
@@ -337,6 +374,7 @@ class Database:
                 (outcome, error, result_url, task_id, attempt))
             return True
 
+    @reconnects
     def overdue_attempts(self, task_timeout):
         """Running attempts whose lease expired or that ran past the task timeout."""
         with self.transaction() as cur:
@@ -348,6 +386,7 @@ class Database:
                 (int(task_timeout * 1e6),))
             return cur.fetchall()
 
+    @reconnects
     def claimable_tasks(self, task_id=None):
         """Tasks that should be in Redis (all, or just `task_id` if it is one):
         task_id, user_id, priority, and due_in, the seconds until its backoff ends."""
@@ -364,6 +403,7 @@ class Database:
 
     # -- figures for operators ---------------------------------------------------------
 
+    @reconnects
     def metrics(self):
         with self.transaction() as cur:
             cur.execute('SELECT status, COUNT(*) AS n FROM publish_tasks GROUP BY status')

@@ -174,13 +174,17 @@ class Scheduler:
             'title': article['title'], 'content': article['content'], 'platform': platform,
             'priority': priority, 'max_retries': self.config.max_retries,
         } for article in articles]
-        with self.db.transaction() as cur:
+
+        def admit(cur):
             user = self.db.lock_user(cur, user_id)
             if user is None:
                 raise NotFound('user_not_found', 'this user no longer exists')
             self._check_articles_owned(cur, user_id, rows)
             self._check_limits(cur, user_id, len(rows))
             self.db.insert_tasks(cur, rows)
+            return user
+
+        user = self.db.run_transaction(admit)
         task_ids = [row['task_id'] for row in rows]
         self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == 'urgent')
         return task_ids
@@ -367,10 +371,13 @@ class Scheduler:
     def retry(self, user_id, task_id):
         """Give a failed or cancelled task a fresh set of attempts."""
         self.redis.ping()
-        with self.db.transaction() as cur:
+
+        def reopen(cur):
             user = self.db.lock_user(cur, user_id)
             self._check_limits_for_retry(cur, user_id)
-            reopened = self.db.reopen_task(cur, user_id, task_id)
+            return user, self.db.reopen_task(cur, user_id, task_id)
+
+        user, reopened = self.db.run_transaction(reopen)
         if not reopened:
             task = self.db.task_for_user(user_id, task_id)
             if task is None:
@@ -401,6 +408,16 @@ class Scheduler:
             self.rebuild_queues()
         self.promote_due_retries()
         return self.requeue_overdue_attempts()
+
+    def reap_and_log_errors(self):
+        """A reaper pass for a loop that must keep going: MySQL or Redis being away is logged."""
+        try:
+            return self.reap()
+        except (DatabaseUnavailable, redis.RedisError) as error:
+            log.warning('reaper pass skipped: %s', error)
+        except Exception:
+            log.exception('reaper pass failed')
+        return 0
 
     def requeue_overdue_attempts(self):
         taken_back = 0

@@ -70,7 +70,7 @@ class Supervisor:
         while not self.stop_requested:
             if self.run_workers:
                 self._replace_dead_workers()
-                self._reap_tasks()
+                self.scheduler.reap_and_log_errors()
             time.sleep(self.config.reaper_interval)
         self._shutdown()
         return self.exit_code
@@ -125,12 +125,6 @@ class Supervisor:
                 log.warning('%d tasks of the dead worker go back to the queue', released)
         except DatabaseUnavailable as error:
             log.warning('could not release the dead worker\'s leases now (%s); they expire on their own', error)
-
-    def _reap_tasks(self):
-        try:
-            self.scheduler.reap()
-        except Exception as error:
-            log.warning('reaper pass failed: %s', error)
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class Worker:
         self.publishers = publishers if publishers is not None else load_publishers(config)
         self.scheduler = Scheduler(config, self.db, self.redis, self.publishers)
         self.stopping = threading.Event()
+        self.exited = threading.Event()
         self.stop_requested = False
         self.parent_pid = os.getppid()
 
@@ -125,6 +126,7 @@ class Worker:
             if self.stop_requested or os.getppid() != self.parent_pid:
                 self.stopping.set()
             time.sleep(0.2)
+        self.exited.set()
         log.info('worker %s stopped', self.worker_id)
 
     def _request_stop(self, signum, frame):
@@ -147,13 +149,14 @@ class Worker:
                 self.stopping.wait(min(MAX_ERROR_BACKOFF, 0.2 * 2 ** failures))
 
     def heartbeat_loop(self):
-        """Renew leases until the process exits, draining included."""
-        while True:
-            time.sleep(self.config.heartbeat_interval)
+        """Renew leases until the slots have exited, draining included."""
+        while not self.exited.wait(self.config.heartbeat_interval):
             try:
                 self.db.renew_leases(self.worker_id, self.config.lease_ttl)
             except DatabaseUnavailable as error:
                 log.warning('worker %s: heartbeat failed: %s', self.worker_id, error)
+            except Exception:
+                log.exception('worker %s: heartbeat failed', self.worker_id)
 
 
 def worker_main(config):

@@ -1,0 +1,342 @@
+"""Fixtures: real MariaDB and Redis, each test run in a database and a key prefix of its own.
+
+A missing service fails the test with the command that starts it; nothing is skipped.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pymysql
+import pytest
+import redis as redis_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import auth  # noqa: E402
+from config import Config  # noqa: E402
+from db import Database  # noqa: E402
+from publishers import load_publishers  # noqa: E402
+from scheduler import Scheduler, connect_redis  # noqa: E402
+
+MYSQL_HOST = os.environ.get('TOPN_TEST_MYSQL_HOST', '127.0.0.1')
+MYSQL_PORT = int(os.environ.get('TOPN_TEST_MYSQL_PORT', '3306'))
+REDIS_URL = os.environ.get('TOPN_TEST_REDIS_URL', 'redis://127.0.0.1:6379/0')
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_DATABASE = f'topn_test_{RUN_ID}'
+TEST_PREFIX = f'topn-test-{RUN_ID}'
+START_MYSQL = 'start it with: start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd ' \
+              '(or: systemctl start mariadb), or run ./dev test, which starts it'
+START_REDIS = 'start it with: redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" ' \
+              '(or: systemctl start redis-server), or run ./dev test, which starts it'
+
+
+def wait_until(condition, timeout=10.0, interval=0.05, message='condition'):
+    """Poll `condition` until it returns something truthy; fail with `message` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {message}')
+        time.sleep(interval)
+
+
+# -- services ----------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def mysql_database():
+    try:
+        conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', connect_timeout=3)
+    except pymysql.err.OperationalError as error:
+        pytest.fail(f'MariaDB is not answering on {MYSQL_HOST}:{MYSQL_PORT} ({error}); {START_MYSQL}', pytrace=False)
+    conn.close()
+    database = Database({'host': MYSQL_HOST, 'port': MYSQL_PORT, 'user': 'root', 'password': '',
+                         'database': TEST_DATABASE})
+    database.initialize()
+    yield TEST_DATABASE
+    database.drop_database()
+
+
+@pytest.fixture(scope='session')
+def redis_server():
+    client = redis_lib.Redis.from_url(REDIS_URL, socket_connect_timeout=3, decode_responses=True)
+    try:
+        client.ping()
+    except redis_lib.RedisError as error:
+        pytest.fail(f'Redis is not answering at {REDIS_URL} ({error}); {START_REDIS}', pytrace=False)
+    yield client
+    delete_prefix(client, TEST_PREFIX)
+
+
+def delete_prefix(client, prefix):
+    for key in client.scan_iter(match=f'{prefix}:*', count=500):
+        client.delete(key)
+
+
+def truncate_tables(database_name):
+    conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', database=database_name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute('SET FOREIGN_KEY_CHECKS = 0')
+            for table in ('publish_history', 'publish_tasks', 'articles', 'users'):
+                cur.execute(f'TRUNCATE TABLE {table}')
+            cur.execute('SET FOREIGN_KEY_CHECKS = 1')
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def config(mysql_database, redis_server):
+    """A fast configuration against this run's database and key prefix, emptied around each test."""
+    truncate_tables(mysql_database)
+    delete_prefix(redis_server, TEST_PREFIX)
+    yield Config(
+        mysql_url=f'mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{mysql_database}',
+        redis_url=REDIS_URL, redis_prefix=TEST_PREFIX,
+        retry_backoff=0.05, lease_ttl=2.0, heartbeat_interval=0.5, reaper_interval=0.1,
+        reconcile_interval=1.0, shutdown_grace=10.0)
+    delete_prefix(redis_server, TEST_PREFIX)
+
+
+@pytest.fixture
+def db(config):
+    database = Database(config.mysql)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def redis_client(config):
+    return connect_redis(config.redis_url)
+
+
+@pytest.fixture
+def scheduler(config, db, redis_client):
+    return Scheduler(config, db, redis_client, load_publishers(config))
+
+
+@dataclasses.dataclass
+class User:
+    id: int
+    name: str
+    token: str
+
+    @property
+    def headers(self):
+        return {'Authorization': f'Bearer {self.token}'}
+
+
+@pytest.fixture
+def make_user(db):
+    def make(name, admin=False, vip=False, password='secret'):
+        token = auth.new_token()
+        user_id = db.create_user(name, auth.hash_password(password), auth.token_hash(token), admin, vip)
+        return User(user_id, name, token)
+    return make
+
+
+def articles(n, prefix='article'):
+    return [{'title': f'{prefix} {i}', 'content': f'body of {prefix} {i}'} for i in range(n)]
+
+
+def batch(n, platform='noop', prefix='article', **extra):
+    return {'platform': platform, 'articles': articles(n, prefix), **extra}
+
+
+# -- the web app in-process ------------------------------------------------------------------
+
+class WsgiClient:
+    """Calls a WSGI app directly: no sockets, real request parsing."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        path, _, query = path.partition('?')
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else b'')
+        environ = {
+            'REQUEST_METHOD': method, 'PATH_INFO': path, 'QUERY_STRING': query,
+            'SERVER_NAME': 'test', 'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
+            'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(data), 'wsgi.errors': sys.stderr,
+            'wsgi.version': (1, 0), 'wsgi.multithread': True, 'wsgi.multiprocess': False,
+            'wsgi.run_once': False, 'CONTENT_LENGTH': str(len(data)), 'CONTENT_TYPE': 'application/json',
+        }
+        for name, value in (headers or {}).items():
+            environ['HTTP_' + name.upper().replace('-', '_')] = value
+        captured = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            captured['status'] = int(status.split()[0])
+            captured['headers'] = dict(response_headers)
+
+        chunks = self.app(environ, start_response)
+        payload = b''.join(chunks)
+        if hasattr(chunks, 'close'):
+            chunks.close()
+        return Response(captured['status'], captured['headers'], payload)
+
+    def get(self, path, **kwargs):
+        return self.request('GET', path, **kwargs)
+
+    def post(self, path, body=None, **kwargs):
+        return self.request('POST', path, body=body, **kwargs)
+
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+@pytest.fixture
+def client(config, db, scheduler):
+    from web import make_app
+    return WsgiClient(make_app(config, db, scheduler))
+
+
+# -- the real service in subprocesses ------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def http(method, url, body=None, headers=None, timeout=10):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        'Content-Type': 'application/json', **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b'null')
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b'null')
+
+
+class Service:
+    """`python topn.py serve` as operators run it, in its own process group."""
+
+    def __init__(self, config, env, tmp_path):
+        self.config = config
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.log_path = tmp_path / f'serve-{self.port}.log'
+        self.env = {**os.environ, **env, 'TOPN_BIND': f'127.0.0.1:{self.port}'}
+        self.process = None
+
+    def start(self, *args):
+        self.log_file = open(self.log_path, 'w')
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / 'topn.py'), 'serve', *args], cwd=ROOT, env=self.env,
+            stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        if '--no-web' not in args:
+            wait_until(self._healthy, timeout=20, message=f'the service to answer /healthz (log: {self.log_path})')
+        return self
+
+    def _healthy(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f'the service exited with {self.process.returncode}:\n{self.log()}')
+        try:
+            return http('GET', self.url + '/healthz', timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def worker_pids(self):
+        output = subprocess.run(['pgrep', '-P', str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in output.split()]
+
+    def stop(self, timeout=30):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_service(config, tmp_path):
+    """Start `topn.py serve` against this test's database and prefix; settings as TOPN_* overrides."""
+    services = []
+    base_env = {
+        'TOPN_MYSQL_URL': config.mysql_url, 'TOPN_REDIS_URL': config.redis_url,
+        'TOPN_REDIS_PREFIX': config.redis_prefix, 'TOPN_RETRY_BACKOFF': '0.05', 'TOPN_LEASE_TTL': '2',
+        'TOPN_HEARTBEAT_INTERVAL': '0.5', 'TOPN_REAPER_INTERVAL': '0.1', 'TOPN_RECONCILE_INTERVAL': '1',
+        'TOPN_SHUTDOWN_GRACE': '10', 'TOPN_LOG_LEVEL': 'INFO',
+    }
+
+    def start(*args, **env):
+        service = Service(config, {**base_env, **{k: str(v) for k, v in env.items()}}, tmp_path)
+        services.append(service)
+        return service.start(*args)
+
+    yield start
+    for service in services:
+        service.stop()
+
+
+@pytest.fixture
+def run_worker(config, scheduler):
+    """Run real Worker objects (the same code a worker process runs) in threads of this process,
+    with the reaper beside them as the supervisor runs it."""
+    from worker import Worker
+    workers = []
+    reaper_stop = threading.Event()
+
+    def reap_until_stopped():
+        while not reaper_stop.wait(config.reaper_interval):
+            scheduler.reap_and_log_errors()
+
+    threading.Thread(target=reap_until_stopped, daemon=True).start()
+
+    def run(publishers=None, worker_id=None, slots=None):
+        worker_config = dataclasses.replace(config, worker_slots=slots or config.worker_slots)
+        worker = Worker(worker_config, worker_id=worker_id or f'test-worker-{len(workers)}', publishers=publishers)
+        threads = [threading.Thread(target=worker.slot_loop, daemon=True) for _ in range(worker_config.worker_slots)]
+        heartbeat = threading.Thread(target=worker.heartbeat_loop, daemon=True)
+        heartbeat.start()
+        for thread in threads:
+            thread.start()
+        worker.threads = threads
+        workers.append(worker)
+        return worker
+
+    yield run
+    reaper_stop.set()
+    for worker in workers:
+        worker.stopping.set()
+    for worker in workers:
+        for thread in worker.threads:
+            thread.join(5)
+        worker.exited.set()
