@@ -44,8 +44,9 @@ class Supervisor:
     """Forks the workers, restarts the ones that die, runs the reaper, and serves the web
     app from a thread. Signal handlers only set a flag; `run()` does the work."""
 
-    def __init__(self, config, run_web=True, run_workers=True):
+    def __init__(self, config, run_web=True, run_workers=True, worker_target=None):
         self.config = config
+        self.worker_target = worker_target or _worker_entry
         self.run_web = run_web
         self.run_workers = run_workers
         self.stop_requested = False
@@ -93,7 +94,7 @@ class Supervisor:
 
     def _spawn(self, slot):
         process = multiprocessing.get_context('fork').Process(
-            target=_worker_entry, args=(self.config,), name=f'topn-worker-{slot}', daemon=False)
+            target=self.worker_target, args=(self.config,), name=f'topn-worker-{slot}', daemon=False)
         process.start()
         self.workers[slot] = (process, time.monotonic())
 
@@ -230,26 +231,34 @@ def cmd_demo(config, args):
 
 
 def batch_from_files(paths, platform, urgent):
-    """One JSON batch file (the API's create_batch shape), or Markdown files, one article
-    each, titled by their first heading (or the file name)."""
+    """One JSON batch file (the API's create_batch shape), or Markdown files in which
+    every top-level `# heading` starts an article (a file without one is one article
+    titled by its file name)."""
     paths = [pathlib.Path(p) for p in paths]
     if len(paths) == 1 and paths[0].suffix == '.json':
         payload = json.loads(paths[0].read_text(encoding='utf-8'))
         if platform:
             payload['platform'] = platform
     else:
-        payload = {'platform': platform, 'articles': [markdown_article(p) for p in paths]}
+        payload = {'platform': platform, 'articles': [a for p in paths for a in markdown_articles(p)]}
     if urgent:
         payload['priority'] = 'urgent'
     return payload
 
 
-def markdown_article(path):
-    lines = path.read_text(encoding='utf-8').splitlines()
-    for index, line in enumerate(lines):
-        if line.startswith('# '):
-            return {'title': line[2:].strip(), 'content': '\n'.join(lines[:index] + lines[index + 1:]).strip()}
-    return {'title': path.stem, 'content': '\n'.join(lines).strip()}
+def markdown_articles(path):
+    articles, title, body, in_code = [], None, [], False
+    for line in path.read_text(encoding='utf-8').splitlines():
+        if line.lstrip().startswith('```'):
+            in_code = not in_code
+        if line.startswith('# ') and not in_code:
+            if title is not None or '\n'.join(body).strip():
+                articles.append({'title': title or path.stem, 'content': '\n'.join(body).strip()})
+            title, body = line[2:].strip(), []
+        else:
+            body.append(line)
+    articles.append({'title': title or path.stem, 'content': '\n'.join(body).strip()})
+    return articles
 
 
 class CommandError(Exception):
