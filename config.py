@@ -40,11 +40,32 @@ class Config:
     vip_turns: int = 2
     noop_delay: float = 0.0
     noop_fail_rate: float = 0.0
+    max_drivers: int = 8
+    driver_idle: float = 300.0
+    driver_acquire_timeout: float = 30.0
+    browser_cpu_busy: int = 85
+    webdriver_url: str = ''
+    browser_root: str = '/tmp/topn-browsers'
+    secret_key: str = ''
+    state_dir: str = 'var'
+    sandbox_bind: str = '127.0.0.1:8090'
+    sandbox_url: str = 'http://127.0.0.1:8090'
+    zhihu_url: str = 'https://zhuanlan.zhihu.com'
+    zhihu_www_url: str = 'https://www.zhihu.com'
+    pacing: tuple = (('zhihu', 60.0), ('sandbox', 0.0))
 
     @property
     def mysql(self):
         """The MySQL URL split into pymysql connect() arguments."""
         return parse_mysql_url(self.mysql_url)
+
+    def pacing_for(self, platform):
+        """Seconds that must pass between two publishes on one account of `platform`."""
+        return dict(self.pacing).get(platform, 0.0)
+
+    @property
+    def evidence_dir(self):
+        return os.path.join(self.state_dir, 'evidence')
 
     @property
     def bind_host_port(self):
@@ -57,8 +78,9 @@ class Config:
         values = {}
         for field in dataclasses.fields(cls):
             name = 'TOPN_' + field.name.upper()
-            if name in environ:
+            if name in environ and field.name != 'pacing':
                 values[field.name] = _convert(name, environ[name], field.type)
+        values['pacing'] = _pacing_from_env(environ, dict(cls.pacing))
         config = cls(**values)
         config.validate()
         return config
@@ -79,6 +101,9 @@ class Config:
         _require(0 <= self.noop_fail_rate <= 1, 'TOPN_NOOP_FAIL_RATE', 'must be between 0 and 1')
         _require(':' in self.bind, 'TOPN_BIND', 'must look like HOST:PORT')
         _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
+        _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')
+        _require(self.driver_idle > 0, 'TOPN_DRIVER_IDLE', 'must be more than 0')
+        _require(0 < self.browser_cpu_busy <= 100, 'TOPN_BROWSER_CPU_BUSY', 'must be a percentage from 1 to 100')
         self.mysql
 
 
@@ -93,6 +118,17 @@ def parse_mysql_url(url):
         'password': unquote(parts.password or ''),
         'database': parts.path.strip('/'),
     }
+
+
+def _pacing_from_env(environ, defaults):
+    """TOPN_PACING_<PLATFORM>=seconds, one variable per platform."""
+    pacing = dict(defaults)
+    for name, raw in environ.items():
+        if name.startswith('TOPN_PACING_'):
+            seconds = _convert(name, raw, float)
+            _require(seconds >= 0, name, 'must be 0 or more')
+            pacing[name.removeprefix('TOPN_PACING_').lower()] = seconds
+    return tuple(sorted(pacing.items()))
 
 
 def _convert(name, raw, kind):

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS publish_tasks (
     lease_expires_at DATETIME(3)  NULL,
     next_attempt_at  DATETIME(3)  NULL,
     cancel_requested TINYINT(1)   NOT NULL DEFAULT 0,
+    platform_ref     VARCHAR(255) NULL,
     created_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     started_at       DATETIME(3)  NULL,
     completed_at     DATETIME(3)  NULL,
@@ -74,6 +75,23 @@ CREATE TABLE IF NOT EXISTS publish_history (
     outcome     ENUM('running', 'success', 'failed', 'timeout', 'lost', 'cancelled') NOT NULL DEFAULT 'running',
     error       TEXT         NULL,
     result_url  VARCHAR(1024) NULL,
+    evidence    JSON         NULL,
     UNIQUE KEY uq_history_attempt (task_id, attempt),
     CONSTRAINT fk_history_task FOREIGN KEY (task_id) REFERENCES publish_tasks (task_id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- One login per user and platform. `secret` is the credentials (for Zhihu, the cookies of
+-- a logged-in session) encrypted with TOPN_SECRET_KEY; it is never sent back to anyone.
+CREATE TABLE IF NOT EXISTS platform_accounts (
+    id               BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    user_id          BIGINT UNSIGNED NOT NULL,
+    platform         VARCHAR(32)  NOT NULL,
+    secret           TEXT         NOT NULL,
+    checked_at       DATETIME(3)  NULL,
+    check_ok         TINYINT(1)   NULL,
+    check_detail     VARCHAR(500) NULL,
+    created_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    updated_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+    UNIQUE KEY uq_accounts_user_platform (user_id, platform),
+    CONSTRAINT fk_accounts_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -7,7 +7,10 @@ makes the platform accept the article it calls `attempt.mark_submitted()`: from 
 a cancel no longer stops it (the article is out; the task ends `success` with its URL).
 """
 
+import functools
 import time
+
+from publishers import content
 
 
 class PublishError(Exception):
@@ -38,10 +41,24 @@ class AttemptSuperseded(AttemptStopped):
     """The reaper took the task back (our lease expired): someone else may run it now."""
 
 
-class Attempt:
-    """One attempt at one task, as a publisher sees it."""
+class LoginExpired(PublishError):
+    """The stored login no longer works: only the user can fix it, so no retries."""
 
-    def __init__(self, task, report_progress, timeout, clock=time.monotonic):
+    def __init__(self, message):
+        super().__init__(message, retryable=False)
+
+
+class Attempt:
+    """One attempt at one task, as a publisher sees it.
+
+    Browser publishers also get `driver` (a leased WebDriver with no state in it) and
+    `account` (the user's credentials for this platform, e.g. {'cookies': 'a=1; b=2'}).
+    `platform_ref` is what an earlier attempt remembered with `remember_platform_ref`
+    (e.g. a draft id), so a retry can continue that draft instead of making another.
+    """
+
+    def __init__(self, task, report_progress, timeout, clock=time.monotonic,
+                 remember_ref=None, driver=None, account=None):
         self.task_id = task['task_id']
         self.user_id = task['user_id']
         self.title = task['article_title']
@@ -49,12 +66,30 @@ class Attempt:
         self.platform = task['platform']
         self.number = task['attempt']
         self.earlier_attempts = task.get('earlier_attempts', [])
+        self.platform_ref = task.get('platform_ref')
+        self.driver = driver
+        self.account = account
         self.submitted = False
         self.cancel_requested = False
         self._report_progress = report_progress
+        self._remember_ref = remember_ref
         self._clock = clock
         self._deadline = clock() + timeout
         self._timeout = timeout
+
+    @functools.cached_property
+    def body_html(self):
+        return content.render_markdown(self.content)
+
+    @property
+    def seconds_left(self):
+        return max(0.0, self._deadline - self._clock())
+
+    def remember_platform_ref(self, ref):
+        """Persist a platform-side id (a draft id) at once: if this attempt dies, the next continues it."""
+        self.platform_ref = ref
+        if self._remember_ref is not None:
+            self._remember_ref(ref)
 
     @property
     def outcome_unknown(self):
@@ -83,9 +118,23 @@ class Attempt:
 
 
 class Publisher:
-    """Base class: `name` is the platform name users pick; `publish` does the work."""
+    """Base class: `name` is the platform name users pick; `publish` does the work.
+
+    Browser publishers set `needs_browser` and implement `check_login(driver, account)`,
+    which answers (ok, detail) without publishing anything; `required_cookies` names the
+    cookies an account must hold before it is stored.
+    """
     name = None
+    label = None
     needs_browser = False
+    required_cookies = ()
+
+    @classmethod
+    def from_config(cls, config):
+        return cls()
 
     def publish(self, attempt):
+        raise NotImplementedError
+
+    def check_login(self, driver, account):
         raise NotImplementedError
