@@ -99,7 +99,15 @@ class Config:
                  'must be longer than TOPN_HEARTBEAT_INTERVAL, which must be more than 0')
         _require(self.vip_turns >= 1, 'TOPN_VIP_TURNS', 'must be 1 or more')
         _require(0 <= self.noop_fail_rate <= 1, 'TOPN_NOOP_FAIL_RATE', 'must be between 0 and 1')
-        _require(':' in self.bind, 'TOPN_BIND', 'must look like HOST:PORT')
+        _require(_is_port(self.bind.rpartition(':')[2]), 'TOPN_BIND', 'must look like HOST:PORT')
+        _require(_is_port(self.sandbox_bind.rpartition(':')[2]), 'TOPN_SANDBOX_BIND', 'must look like HOST:PORT')
+        _require(urlsplit(self.redis_url).scheme in ('redis', 'rediss', 'unix'), 'TOPN_REDIS_URL',
+                 'must look like redis://HOST:PORT/DB')
+        for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'user_rate_window',
+                     'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout'):
+            _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')
+        for name in ('shutdown_grace', 'noop_delay'):
+            _require(getattr(self, name) >= 0, 'TOPN_' + name.upper(), 'must be 0 or more')
         _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
         _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')
         _require(self.driver_idle > 0, 'TOPN_DRIVER_IDLE', 'must be more than 0')
@@ -109,11 +117,16 @@ class Config:
 
 def parse_mysql_url(url):
     parts = urlsplit(url)
+    shape = 'must look like mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE'
     if parts.scheme not in ('mysql', 'mariadb') or not parts.path.strip('/'):
-        raise ConfigError(f'TOPN_MYSQL_URL {url!r} must look like mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE')
+        raise ConfigError(f'TOPN_MYSQL_URL {url!r} {shape}')
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f'TOPN_MYSQL_URL {url!r} has a bad port; it {shape}') from None
     return {
         'host': parts.hostname or '127.0.0.1',
-        'port': parts.port or 3306,
+        'port': port or 3306,
         'user': unquote(parts.username or 'root'),
         'password': unquote(parts.password or ''),
         'database': parts.path.strip('/'),
@@ -140,6 +153,10 @@ def _convert(name, raw, kind):
     except ValueError:
         raise ConfigError(f'{name}={raw!r} is not a number') from None
     return raw
+
+
+def _is_port(text):
+    return text.isdigit() and 0 <= int(text) <= 65535
 
 
 def _require(condition, name, rule):

@@ -14,6 +14,7 @@ clock that stamps a task.
 
 import contextlib
 import functools
+import json
 import pathlib
 import threading
 
@@ -177,6 +178,62 @@ class Database:
             cur.execute('SELECT id FROM users WHERE is_vip = 1')
             return {row['id'] for row in cur.fetchall()}
 
+    # -- platform accounts -------------------------------------------------------------
+
+    @reconnects
+    def save_account(self, user_id, platform, secret):
+        with self.transaction() as cur:
+            cur.execute(
+                'INSERT INTO platform_accounts (user_id, platform, secret) VALUES (%s, %s, %s) '
+                'ON DUPLICATE KEY UPDATE secret = VALUES(secret), checked_at = NULL, check_ok = NULL, '
+                'check_detail = NULL',
+                (user_id, platform, secret))
+
+    @reconnects
+    def account_secret(self, user_id, platform):
+        with self.transaction() as cur:
+            cur.execute('SELECT secret FROM platform_accounts WHERE user_id = %s AND platform = %s',
+                        (user_id, platform))
+            row = cur.fetchone()
+            return row['secret'] if row else None
+
+    @reconnects
+    def accounts_of(self, user_id):
+        """A user's platform logins without their secrets."""
+        with self.transaction() as cur:
+            cur.execute('SELECT platform, checked_at, check_ok, check_detail, updated_at FROM platform_accounts '
+                        'WHERE user_id = %s ORDER BY platform', (user_id,))
+            return cur.fetchall()
+
+    @reconnects
+    def delete_account(self, user_id, platform):
+        with self.transaction() as cur:
+            cur.execute('DELETE FROM platform_accounts WHERE user_id = %s AND platform = %s', (user_id, platform))
+            return cur.rowcount == 1
+
+    @reconnects
+    def record_account_check(self, user_id, platform, ok, detail):
+        with self.transaction() as cur:
+            cur.execute('UPDATE platform_accounts SET checked_at = NOW(3), check_ok = %s, check_detail = %s '
+                        'WHERE user_id = %s AND platform = %s', (int(ok), detail[:500], user_id, platform))
+
+    @reconnects
+    def reserve_publish_slot(self, user_id, platform, interval):
+        """Pacing across all workers: claim the account's next publish slot. Returns 0 when
+        claimed, else the seconds until it is free. No account row means no pacing."""
+        with self.transaction() as cur:
+            cur.execute(
+                'UPDATE platform_accounts SET next_publish_at = NOW(3) + INTERVAL %s MICROSECOND '
+                'WHERE user_id = %s AND platform = %s AND (next_publish_at IS NULL OR next_publish_at <= NOW(3))',
+                (int(interval * 1e6), user_id, platform))
+            if cur.rowcount == 1:
+                return 0.0
+            cur.execute(
+                'SELECT TIMESTAMPDIFF(MICROSECOND, NOW(3), next_publish_at) / 1e6 AS wait '
+                'FROM platform_accounts WHERE user_id = %s AND platform = %s', (user_id, platform))
+            row = cur.fetchone()
+            return max(0.0, float(row['wait'])) if row and row['wait'] is not None else 0.0
+
     # -- admission (called inside one transaction by the scheduler) -------------------
 
     @staticmethod
@@ -279,6 +336,13 @@ class Database:
             return cur.rowcount == 1
 
     @staticmethod
+    def task_status(cur, user_id, task_id):
+        cur.execute('SELECT status FROM publish_tasks WHERE user_id = %s AND task_id = %s FOR UPDATE',
+                    (user_id, task_id))
+        row = cur.fetchone()
+        return row['status'] if row else None
+
+    @staticmethod
     def reopen_task(cur, user_id, task_id):
         """Turn a failed or cancelled task back into a pending one with its retries restored."""
         cur.execute(
@@ -305,7 +369,7 @@ class Database:
                 (worker_id, int(lease_ttl * 1e6), task_id))
             if cur.rowcount != 1:
                 return None
-            cur.execute(f'SELECT {TASK_COLUMNS}, article_content, attempt FROM publish_tasks WHERE task_id = %s',
+            cur.execute(f'SELECT {TASK_COLUMNS}, article_content, attempt, platform_ref FROM publish_tasks WHERE task_id = %s',
                         (task_id,))
             task = cur.fetchone()
             cur.execute(
@@ -330,6 +394,13 @@ class Database:
                 (task_id, attempt))
             row = cur.fetchone()
             return None if row is None else bool(row['cancel_requested'])
+
+    @reconnects
+    def set_platform_ref(self, task_id, attempt, ref):
+        with self.transaction() as cur:
+            cur.execute("UPDATE publish_tasks SET platform_ref = %s WHERE task_id = %s AND attempt = %s "
+                        "AND status = 'running'", (ref, task_id, attempt))
+            return cur.rowcount == 1
 
     @reconnects
     def renew_leases(self, worker_id, lease_ttl):
@@ -373,6 +444,41 @@ class Database:
                 'WHERE task_id = %s AND attempt = %s',
                 (outcome, error, result_url, task_id, attempt))
             return True
+
+    @reconnects
+    def defer_attempt(self, task_id, attempt, delay):
+        """Give a claimed task back unattempted (its account must wait for pacing): no
+        attempt or retry is counted, and it becomes claimable again after `delay` seconds."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE publish_tasks SET status = 'pending', attempt = attempt - 1, progress = 0, "
+                "next_attempt_at = NOW(3) + INTERVAL %s MICROSECOND, worker_id = NULL, lease_expires_at = NULL "
+                "WHERE task_id = %s AND attempt = %s AND status = 'running'",
+                (int(delay * 1e6), task_id, attempt))
+            if cur.rowcount != 1:
+                return False
+            cur.execute('DELETE FROM publish_history WHERE task_id = %s AND attempt = %s', (task_id, attempt))
+            return True
+
+    @reconnects
+    def record_evidence(self, task_id, attempt, files):
+        with self.transaction() as cur:
+            cur.execute('UPDATE publish_history SET evidence = %s WHERE task_id = %s AND attempt = %s',
+                        (json.dumps(files), task_id, attempt))
+
+    @reconnects
+    def evidence_of(self, task_ids):
+        """{task_id: [(attempt, [file names])]} for the attempts that saved evidence."""
+        if not task_ids:
+            return {}
+        with self.transaction() as cur:
+            cur.execute('SELECT task_id, attempt, evidence FROM publish_history '
+                        'WHERE task_id IN %s AND evidence IS NOT NULL ORDER BY task_id, attempt',
+                        (tuple(task_ids),))
+            found = {}
+            for row in cur.fetchall():
+                found.setdefault(row['task_id'], []).append((row['attempt'], json.loads(row['evidence'])))
+            return found
 
     @reconnects
     def overdue_attempts(self, task_timeout):

@@ -147,6 +147,14 @@ return #due
 """
 
 
+def _is_encodable(text):
+    try:
+        text.encode('utf-8')
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def connect_redis(url):
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
 
@@ -199,7 +207,7 @@ class Scheduler:
             raise InvalidRequest(
                 'batch_too_large', f'a batch holds at most {self.config.batch_max} articles, this one has {len(articles)}')
         platform = payload.get('platform')
-        if platform not in self.platforms:
+        if not isinstance(platform, str) or platform not in self.platforms:
             raise InvalidRequest(
                 'unknown_platform', f'unknown platform {platform!r}; known: {", ".join(sorted(self.platforms))}')
         priority = payload.get('priority') or 'normal'
@@ -219,6 +227,8 @@ class Scheduler:
                 'title_too_long', f'{where}: the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
         if not isinstance(content, str) or not content.strip():
             raise InvalidRequest('empty_content', f'{where} has an empty body')
+        if not _is_encodable(title) or not _is_encodable(content):
+            raise InvalidRequest('invalid_text', f'{where} holds characters that are not valid Unicode text')
         size = len(content.encode('utf-8'))
         if size > self.config.body_max_bytes:
             raise InvalidRequest(
@@ -234,13 +244,7 @@ class Scheduler:
             raise NotFound('article_not_found', f'no article with id {min(missing)}')
 
     def _check_limits(self, cur, user_id, adding):
-        unfinished = self.db.count_unfinished(cur, user_id)
-        if unfinished + adding > self.config.user_max_active:
-            raise LimitReached(
-                'too_many_active',
-                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
-                f'unfinished at once; wait for some to finish before adding {adding} more',
-                retry_after=10)
+        self._check_active_limit(cur, user_id, adding)
         recent, oldest_leaves_in = self.db.created_in_window(cur, user_id, self.config.user_rate_window)
         if recent + adding > self.config.user_rate:
             raise LimitReached(
@@ -248,6 +252,15 @@ class Scheduler:
                 f'you created {recent} tasks in the last {self.config.user_rate_window} s and at most '
                 f'{self.config.user_rate} are allowed in that time',
                 retry_after=max(1, math.ceil(oldest_leaves_in)))
+
+    def _check_active_limit(self, cur, user_id, adding):
+        unfinished = self.db.count_unfinished(cur, user_id)
+        if unfinished + adding > self.config.user_max_active:
+            raise LimitReached(
+                'too_many_active',
+                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
+                f'unfinished at once; wait for some to finish before adding {adding} more',
+                retry_after=10)
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -343,6 +356,16 @@ class Scheduler:
             return None
         return 'failed'
 
+    def defer(self, task, delay):
+        """Put a claimed task back, unattempted, to run in `delay` seconds."""
+        if not self.db.defer_attempt(task['task_id'], task['attempt'], delay):
+            return False
+        try:
+            self._schedule(task['user_id'], task['task_id'], delay)
+        except redis.RedisError:
+            log.warning('could not schedule deferred task %s in Redis; reconcile will', task['task_id'])
+        return True
+
     # -- user actions ----------------------------------------------------------------
 
     def cancel(self, user_id, task_id):
@@ -374,25 +397,17 @@ class Scheduler:
 
         def reopen(cur):
             user = self.db.lock_user(cur, user_id)
-            self._check_limits_for_retry(cur, user_id)
-            return user, self.db.reopen_task(cur, user_id, task_id)
-
-        user, reopened = self.db.run_transaction(reopen)
-        if not reopened:
-            task = self.db.task_for_user(user_id, task_id)
-            if task is None:
+            status = self.db.task_status(cur, user_id, task_id)
+            if status is None:
                 raise NotFound('task_not_found', f'no task {task_id}')
-            raise Conflict('task_not_retryable',
-                           f'only failed or cancelled tasks can be retried; this one is {task["status"]}')
-        self._enqueue_after_commit(user_id, bool(user['is_vip']), [task_id], urgent=False)
+            if status not in ('failed', 'cancelled'):
+                raise Conflict('task_not_retryable', f'only failed or cancelled tasks can be retried; this one is {status}')
+            self._check_active_limit(cur, user_id, 1)
+            self.db.reopen_task(cur, user_id, task_id)
+            return user
 
-    def _check_limits_for_retry(self, cur, user_id):
-        unfinished = self.db.count_unfinished(cur, user_id)
-        if unfinished + 1 > self.config.user_max_active:
-            raise LimitReached(
-                'too_many_active',
-                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
-                'unfinished at once; wait for some to finish before retrying', retry_after=10)
+        user = self.db.run_transaction(reopen)
+        self._enqueue_after_commit(user_id, bool(user['is_vip']), [task_id], urgent=False)
 
     # -- recovery --------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS publish_tasks (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 -- One row per attempt. outcome: running while under way, then success, failed, timeout,
--- lost (the worker vanished: lease expired), or cancelled.
+-- lost (the worker vanished: lease expired), unknown (failed after the submit click, so the
+-- platform may have the article), or cancelled. `evidence` lists the files saved on failure.
 CREATE TABLE IF NOT EXISTS publish_history (
     id          BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
     task_id     CHAR(36)     NOT NULL,
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS publish_history (
     worker_id   VARCHAR(128) NOT NULL,
     started_at  DATETIME(3)  NOT NULL,
     ended_at    DATETIME(3)  NULL,
-    outcome     ENUM('running', 'success', 'failed', 'timeout', 'lost', 'cancelled') NOT NULL DEFAULT 'running',
+    outcome     ENUM('running', 'success', 'failed', 'timeout', 'lost', 'unknown', 'cancelled') NOT NULL DEFAULT 'running',
     error       TEXT         NULL,
     result_url  VARCHAR(1024) NULL,
     evidence    JSON         NULL,
@@ -90,6 +91,7 @@ CREATE TABLE IF NOT EXISTS platform_accounts (
     checked_at       DATETIME(3)  NULL,
     check_ok         TINYINT(1)   NULL,
     check_detail     VARCHAR(500) NULL,
+    next_publish_at  DATETIME(3)  NULL,
     created_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     updated_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
     UNIQUE KEY uq_accounts_user_platform (user_id, platform),

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+import redis
 import waitress
 
 import auth
@@ -236,7 +237,7 @@ def batch_from_files(paths, platform, urgent):
     titled by its file name)."""
     paths = [pathlib.Path(p) for p in paths]
     if len(paths) == 1 and paths[0].suffix == '.json':
-        payload = json.loads(paths[0].read_text(encoding='utf-8'))
+        payload = json.loads(paths[0].read_text(encoding='utf-8-sig'))
         if platform:
             payload['platform'] = platform
     else:
@@ -248,7 +249,7 @@ def batch_from_files(paths, platform, urgent):
 
 def markdown_articles(path):
     articles, title, body, in_code = [], None, [], False
-    for line in path.read_text(encoding='utf-8').splitlines():
+    for line in path.read_text(encoding='utf-8-sig').splitlines():
         if line.lstrip().startswith('```'):
             in_code = not in_code
         if line.startswith('# ') and not in_code:
@@ -305,6 +306,9 @@ def main(argv=None):
         return args.run(config, args) or 0
     except (ConfigError, CommandError, DatabaseUnavailable) as error:
         print(f'topn: {error}', file=sys.stderr)
+        return 2
+    except redis.RedisError as error:
+        print(f'topn: Redis is not answering: {error}', file=sys.stderr)
         return 2
     except Refused as refusal:
         print(f'topn: {refusal.code}: {refusal.message}', file=sys.stderr)

@@ -22,6 +22,7 @@ log = logging.getLogger('topn.web')
 TASK_STATUSES = ('pending', 'running', 'success', 'failed', 'retry', 'cancelled')
 MAX_STATUS_IDS = 200
 MAX_PAGE_SIZE = 100
+MAX_PAGE = 1_000_000
 
 
 class Unauthorized(Refused):
@@ -45,7 +46,7 @@ def make_app(config, db, scheduler):
         ('GET', '/api/publish/tasks/list', api.tasks_list),
         ('POST', '/api/publish/tasks/cancel', api.cancel),
         ('POST', '/api/publish/tasks/retry', api.retry),
-        ('GET', '/api/publish/tasks/<task_id>', api.task_detail),
+        ('GET', '/api/publish/tasks/<task_id:re:[0-9a-f-]{36}>', api.task_detail),
         ('GET', '/api/metrics', api.metrics),
         ('GET', '/healthz', api.health),
     ]
@@ -164,7 +165,7 @@ class Api:
             raise BodyTooLarge('body_too_large', f'at most {self.config.max_request_bytes} bytes are accepted')
         try:
             return json.loads(raw.decode('utf-8'))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (ValueError, RecursionError) as error:
             raise InvalidRequest('invalid_json', f'the request body is not valid UTF-8 JSON: {error}') from None
 
     def task_id_from_body(self):
@@ -199,6 +200,8 @@ class Api:
         if status is not None and status not in TASK_STATUSES:
             raise InvalidRequest('invalid_status', f'status must be one of {", ".join(TASK_STATUSES)}')
         page = _positive_int(query.get('page'), 'page', default=1)
+        if page > MAX_PAGE:
+            raise InvalidRequest('invalid_page', f'page must be at most {MAX_PAGE}')
         limit = _positive_int(query.get('limit'), 'limit', default=20)
         if limit > MAX_PAGE_SIZE:
             raise InvalidRequest('invalid_limit', f'limit must be at most {MAX_PAGE_SIZE}')

@@ -1,8 +1,9 @@
 """Platform publishers, by the platform name users choose."""
 
 from publishers.noop import NoopPublisher
+from publishers.sandbox import SandboxPublisher
 
-PUBLISHER_CLASSES = (NoopPublisher,)
+PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher)
 
 
 def platform_names():

@@ -66,6 +66,7 @@ class Attempt:
         self.platform = task['platform']
         self.number = task['attempt']
         self.earlier_attempts = task.get('earlier_attempts', [])
+        self.started_at = task.get('started_at')
         self.platform_ref = task.get('platform_ref')
         self.driver = driver
         self.account = account
@@ -94,13 +95,16 @@ class Attempt:
     @property
     def outcome_unknown(self):
         """True when an earlier attempt ended without us knowing whether the platform
-        took the article (its worker vanished or it timed out): look before publishing."""
-        return any(earlier['outcome'] in ('lost', 'timeout') for earlier in self.earlier_attempts)
+        took the article (its worker vanished, it timed out, or it failed after the
+        submit click): look on the platform before publishing again."""
+        return any(earlier['outcome'] in ('lost', 'timeout', 'unknown') for earlier in self.earlier_attempts)
 
     @property
     def first_started_at(self):
-        starts = [earlier['started_at'] for earlier in self.earlier_attempts]
-        return min(starts) if starts else None
+        """When the first attempt at this task began (naive UTC): anything this account
+        published with the same title and body since then may be ours."""
+        starts = [earlier['started_at'] for earlier in self.earlier_attempts] + [self.started_at]
+        return min(start for start in starts if start is not None) if any(starts) else None
 
     def progress(self, percent):
         """Record progress and stop the attempt if it was cancelled, timed out or taken back."""

@@ -96,15 +96,16 @@ function setUpEditor() {
   const dialog = document.getElementById('confirm-dialog');
   const confirmButton = document.getElementById('confirm-publish');
 
-  function showError(message) {
+  function showError(message, code) {
     error.textContent = message;
+    error.dataset.code = code || '';
     error.hidden = false;
   }
 
   function askToConfirm() {
     error.hidden = true;
     if (!title.value.trim() || !editor.textContent.trim()) {
-      showError(EMPTY_CONTENT_MESSAGE);
+      showError(EMPTY_CONTENT_MESSAGE, 'empty_content');
       return;
     }
     dialog.hidden = false;
@@ -125,9 +126,10 @@ function setUpEditor() {
         window.location.assign(`/p/${payload.id}`);
         return;
       }
-      showError(payload.error ? payload.error.message : `发布失败（${answer.status}）`);
+      showError(payload.error ? payload.error.message : `发布失败（${answer.status}）`,
+                payload.error ? payload.error.code : `http_${answer.status}`);
     } catch (networkFailure) {
-      showError('网络异常，请稍后再试');
+      showError('网络异常，请稍后再试', 'network_error');
     }
     dialog.hidden = true;
     confirmButton.disabled = false;

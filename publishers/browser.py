@@ -1,0 +1,66 @@
+"""Steps every browser publisher takes: import a login, call the platform from the page, wait."""
+
+import time
+from urllib.parse import urlsplit
+
+from selenium.common.exceptions import WebDriverException
+
+from publishers.base import PublishError
+
+FETCH_JS = """
+const [method, url, body, headers, done] = arguments;
+fetch(url, {method, credentials: 'include', headers: Object.assign({'content-type': 'application/json'}, headers),
+            body: body === null ? undefined : JSON.stringify(body)})
+  .then(async response => done({status: response.status, text: await response.text()}))
+  .catch(error => done({status: 0, text: String(error)}));
+"""
+
+
+def import_cookies(driver, base_url, cookies):
+    """Put a stored login into the browser for `base_url`'s site, before any page of it loads."""
+    host = urlsplit(base_url).hostname
+    for name, value in cookies:
+        driver.execute_cdp_cmd('Network.setCookie', {
+            'name': name, 'value': value, 'url': base_url,
+            'domain': host, 'path': '/', 'secure': base_url.startswith('https:')})
+
+
+def fetch(driver, method, url, body=None, headers=None, timeout=20):
+    """A same-site request from the logged-in page (cookies included). Returns (status, text)."""
+    driver.set_script_timeout(timeout)
+    try:
+        answer = driver.execute_async_script(FETCH_JS, method, url, body, headers or {})
+    except WebDriverException as error:
+        raise PublishError(f'the page could not reach {url}: {error.msg}') from error
+    return answer['status'], answer['text']
+
+
+def wait_for(condition, timeout, what, interval=0.1):
+    """Poll `condition()` until it returns something truthy; PublishError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise PublishError(f'gave up after {timeout:.0f} s waiting for {what}')
+        time.sleep(interval)
+
+
+def capture_evidence(driver, folder):
+    """Save what the browser showed when an attempt failed: a screenshot, the page HTML and
+    the URL. Returns the file names saved; a browser too broken to answer saves fewer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    steps = (
+        ('url.txt', lambda path: path.write_text(driver.current_url + '\n', encoding='utf-8')),
+        ('page.html', lambda path: path.write_text(driver.page_source, encoding='utf-8')),
+        ('screenshot.png', lambda path: driver.save_screenshot(str(path))),
+    )
+    for name, save in steps:
+        try:
+            save(folder / name)
+            saved.append(name)
+        except (WebDriverException, OSError):
+            continue
+    return saved
