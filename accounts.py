@@ -74,3 +74,27 @@ class AccountStore:
         except InvalidToken:
             raise AccountError(f'the stored {platform} login cannot be decrypted with this TOPN_SECRET_KEY; '
                                'store it again') from None
+
+
+def check_login(config, db, store, publisher, user_id):
+    """Ask the platform, in a real browser, whether the user's stored login still works.
+    Records the answer on the account and returns (ok, detail); ok is None when the
+    platform could not be asked (network, throttling), which says nothing about the login."""
+    import multiprocessing
+    from pool import DriverPool, lease_registry
+    from publishers.base import PublishError
+
+    account = store.load(user_id, publisher.name)
+    if account is None:
+        return False, f'no {publisher.name} account stored'
+    with multiprocessing.Manager() as manager:
+        pool = DriverPool(lease_registry(manager, 1), max_drivers=1, webdriver_url=config.webdriver_url or None,
+                          browser_root=config.browser_root, instance=f'{config.redis_prefix}-check')
+        try:
+            ok, detail = publisher.check_login(pool.acquire(config.driver_acquire_timeout), account)
+        except PublishError as error:
+            return None, f'could not ask the platform: {error}'
+        finally:
+            pool.close()
+    db.record_account_check(user_id, publisher.name, ok, detail)
+    return ok, detail

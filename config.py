@@ -31,6 +31,7 @@ class Config:
     body_max_bytes: int = 1024 * 1024
     max_retries: int = 3
     retry_backoff: float = 2.0
+    unknown_outcome_settle: float = 15.0
     task_timeout: float = 300.0
     lease_ttl: float = 30.0
     heartbeat_interval: float = 5.0
@@ -106,7 +107,7 @@ class Config:
         for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'user_rate_window',
                      'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout'):
             _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')
-        for name in ('shutdown_grace', 'noop_delay'):
+        for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle'):
             _require(getattr(self, name) >= 0, 'TOPN_' + name.upper(), 'must be 0 or more')
         _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
         _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')

@@ -219,8 +219,10 @@ class Database:
 
     @reconnects
     def reserve_publish_slot(self, user_id, platform, interval):
-        """Pacing across all workers: claim the account's next publish slot. Returns 0 when
-        claimed, else the seconds until it is free. No account row means no pacing."""
+        """The coarse half of pacing, when a task starts: take the account's next publish
+        slot so that tasks of one account start `interval` apart (the others are deferred
+        without holding a browser). Returns 0 when taken, else the seconds until the slot
+        is free. No account row means no pacing."""
         with self.transaction() as cur:
             cur.execute(
                 'UPDATE platform_accounts SET next_publish_at = NOW(3) + INTERVAL %s MICROSECOND '
@@ -231,6 +233,24 @@ class Database:
             cur.execute(
                 'SELECT TIMESTAMPDIFF(MICROSECOND, NOW(3), next_publish_at) / 1e6 AS wait '
                 'FROM platform_accounts WHERE user_id = %s AND platform = %s', (user_id, platform))
+            row = cur.fetchone()
+            return max(0.0, float(row['wait'])) if row and row['wait'] is not None else 0.0
+
+    @reconnects
+    def claim_submit_moment(self, user_id, platform, interval):
+        """The precise half of pacing: the submit click itself. Returns 0 when this submit
+        may go now (and records it), else the seconds since the last submit still missing."""
+        with self.transaction() as cur:
+            cur.execute(
+                'UPDATE platform_accounts SET last_submit_at = NOW(3) WHERE user_id = %s AND platform = %s '
+                'AND (last_submit_at IS NULL OR last_submit_at <= NOW(3) - INTERVAL %s MICROSECOND)',
+                (user_id, platform, int(interval * 1e6)))
+            if cur.rowcount == 1:
+                return 0.0
+            cur.execute(
+                'SELECT TIMESTAMPDIFF(MICROSECOND, NOW(3), last_submit_at + INTERVAL %s MICROSECOND) / 1e6 AS wait '
+                'FROM platform_accounts WHERE user_id = %s AND platform = %s',
+                (int(interval * 1e6), user_id, platform))
             row = cur.fetchone()
             return max(0.0, float(row['wait'])) if row and row['wait'] is not None else 0.0
 

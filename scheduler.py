@@ -28,6 +28,7 @@ import uuid
 import redis
 
 from db import DatabaseUnavailable
+from publishers.base import UNKNOWN_OUTCOMES
 
 log = logging.getLogger('topn.scheduler')
 
@@ -341,10 +342,15 @@ class Scheduler:
 
     def record_failure(self, task, error, retryable=True, outcome='failed'):
         """Fail one attempt: queue a retry after backoff while retries are left, else fail the task.
+        After an attempt whose outcome is unknown, the retry waits at least
+        `unknown_outcome_settle` seconds, so that a publish still in flight has landed on
+        the platform before the retry looks there for it.
         Returns the task's new status, or None when the attempt no longer owned the task."""
         task_id, attempt = task['task_id'], task['attempt']
         if retryable and task['retry_count'] < task['max_retries']:
             delay = self.backoff(task['retry_count'])
+            if outcome in UNKNOWN_OUTCOMES:
+                delay = max(delay, self.config.unknown_outcome_settle)
             if not self.db.end_attempt(task_id, attempt, 'retry', outcome, error=error, retry_in=delay):
                 return None
             try:

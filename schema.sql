@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS platform_accounts (
     check_ok         TINYINT(1)   NULL,
     check_detail     VARCHAR(500) NULL,
     next_publish_at  DATETIME(3)  NULL,
+    last_submit_at   DATETIME(3)  NULL,
     created_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
     updated_at       DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
     UNIQUE KEY uq_accounts_user_platform (user_id, platform),

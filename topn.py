@@ -5,6 +5,9 @@
     python topn.py adduser NAME --password PW [--admin] [--vip]
     python topn.py submit FILE... --user NAME [--platform P] [--urgent]
     python topn.py status [--user NAME]
+    python topn.py account set USER PLATFORM --cookies 'a=1; b=2'   (or --cookies-file FILE)
+    python topn.py account check USER PLATFORM
+    python topn.py sandbox                           the local sandbox platform
     python topn.py demo                              local demo: a demo user, then serve
 
 Configuration comes from TOPN_* environment variables (see config.py and README).
@@ -14,19 +17,26 @@ import argparse
 import json
 import logging
 import multiprocessing
+import multiprocessing.managers
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import redis
 import waitress
 
 import auth
+import sandbox
+from accounts import AccountError, AccountStore, check_login, load_secret_key
 from config import Config, ConfigError
 from db import Database, DatabaseUnavailable
+from pool import browser_marker, find_browser_processes, kill_browser_processes, kill_until_gone, lease_registry
 from publishers import load_publishers
 from scheduler import Refused, Scheduler, connect_redis
 from web import collect_metrics, make_app
@@ -55,6 +65,8 @@ class Supervisor:
         self.workers = {}
         self.boot_failures = {}
         self.web_server = None
+        self.manager = None
+        self.leases = None
         self.db = Database(config.mysql)
         self.redis = connect_redis(config.redis_url)
         self.scheduler = Scheduler(config, self.db, self.redis, load_publishers(config))
@@ -65,6 +77,7 @@ class Supervisor:
         if self.run_web:
             self._start_web()
         if self.run_workers:
+            self._start_lease_registry()
             for slot in range(self.config.workers):
                 self._spawn(slot)
         log.info('supervisor %s running: web=%s workers=%d', os.getpid(), self.run_web,
@@ -93,9 +106,16 @@ class Supervisor:
 
     # -- workers -----------------------------------------------------------------------
 
+    def _start_lease_registry(self):
+        """The machine-wide browser cap: a semaphore in a manager process the workers share.
+        The manager ignores SIGINT so a Ctrl-C reaches only the supervisor, which drains."""
+        self.manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context('fork'))
+        self.manager.start(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+        self.leases = lease_registry(self.manager, self.config.max_drivers)
+
     def _spawn(self, slot):
         process = multiprocessing.get_context('fork').Process(
-            target=self.worker_target, args=(self.config,), name=f'topn-worker-{slot}', daemon=False)
+            target=self.worker_target, args=(self.config, self.leases), name=f'topn-worker-{slot}', daemon=False)
         process.start()
         self.workers[slot] = (process, time.monotonic())
 
@@ -107,7 +127,7 @@ class Supervisor:
             lived = time.monotonic() - started
             log.warning('worker %s (pid %s) %s after %.1f s; restarting it',
                         slot, process.pid, describe_exit(process.exitcode), lived)
-            self._release_leases_of(process.pid)
+            self._clean_up_after(process.pid)
             if lived < BOOT_WINDOW and process.exitcode != 0:
                 self.boot_failures[slot] = self.boot_failures.get(slot, 0) + 1
             else:
@@ -120,7 +140,17 @@ class Supervisor:
                 return
             self._spawn(slot)
 
-    def _release_leases_of(self, pid):
+    def _clean_up_after(self, pid):
+        """A worker is gone: kill the browsers it left behind, return their leases, and let
+        the reaper take its tasks back now instead of at lease expiry."""
+        marker = browser_marker(self.config.redis_prefix, pid, self.config.browser_root)
+        killed = len(find_browser_processes(marker))
+        if not kill_until_gone(marker, timeout=5):
+            log.error('browser processes of dead worker pid %s survive SIGKILL', pid)
+        shutil.rmtree(marker, ignore_errors=True)
+        returned = self.leases.release_all_of(pid)
+        if killed or returned:
+            log.warning('worker pid %s left %d browser processes and %d leases; cleaned up', pid, killed, returned)
         try:
             released = self.db.expire_leases_of(worker_id_for(pid))
             if released:
@@ -146,13 +176,26 @@ class Supervisor:
                             process.pid)
                 process.kill()
                 process.join()
-                self._release_leases_of(process.pid)
+                self._clean_up_after(process.pid)
+        if self.run_workers:
+            kill_browser_processes(os.path.join(self.config.browser_root, self.config.redis_prefix) + '/')
+            self.manager.shutdown()
         log.info('stopped')
 
 
-def _worker_entry(config):
+def _worker_entry(config, leases):
+    name_this_process('topn-worker')
     configure_logging()
-    worker_main(config)
+    worker_main(config, leases)
+
+
+def name_this_process(name):
+    """So that ps, top and pgrep tell the workers from the supervisor (Linux only)."""
+    try:
+        with open('/proc/self/comm', 'w') as comm:
+            comm.write(name)
+    except OSError:
+        pass
 
 
 def describe_exit(exitcode):
@@ -211,24 +254,95 @@ def cmd_status(config, args):
     print(json.dumps(report, ensure_ascii=False, indent=2))
 
 
+def cmd_account(config, args):
+    db = Database(config.mysql)
+    user = db.user_by_name(args.user)
+    if user is None:
+        raise CommandError(f'no user {args.user!r}')
+    publisher = load_publishers(config).get(args.platform)
+    if publisher is None or not publisher.needs_browser:
+        raise CommandError(f'{args.platform!r} is not a platform that takes a login')
+    store = AccountStore(db, load_secret_key(config))
+    if args.action == 'set':
+        cookies = pathlib.Path(args.cookies_file).read_text(encoding='utf-8-sig') if args.cookies_file else args.cookies
+        if not cookies:
+            raise CommandError('give the login as --cookies "a=1; b=2" or --cookies-file FILE')
+        store.save(user['id'], publisher, cookies)
+        print(json.dumps({'user': args.user, 'platform': args.platform, 'stored': True}))
+        return 0
+    ok, detail = check_login(config, db, store, publisher, user['id'])
+    print(json.dumps({'user': args.user, 'platform': args.platform, 'ok': ok, 'detail': detail}, ensure_ascii=False))
+    return {True: 0, False: 1, None: 3}[ok]
+
+
+def cmd_sandbox(config, args):
+    host, port = config.sandbox_bind.rsplit(':', 1)
+    log.info('sandbox platform on http://%s:%s/', host, port)
+    sandbox.serve(config.sandbox_bind)
+
+
 def cmd_demo(config, args):
-    """Set up a demo user (password and a fresh token printed) and run the whole service."""
+    """Everything on one box for a first look: the sandbox platform, a demo user with a
+    sandbox login, and the service. Prints where to go and what to type."""
     db = Database(config.mysql)
     db.initialize()
+    start_sandbox(config)
     token = auth.new_token()
     user = db.user_by_name(DEMO_USER)
     if user is None:
         db.create_user(DEMO_USER, auth.hash_password(DEMO_PASSWORD), auth.token_hash(token))
+        user = db.user_by_name(DEMO_USER)
     else:
         db.set_user_token(user['id'], auth.token_hash(token))
+    cookies = sandbox_session(config.sandbox_url, DEMO_USER, DEMO_PASSWORD)
+    AccountStore(db, load_secret_key(config)).save(user['id'], load_publishers(config)['sandbox'], cookies)
     host, port = config.bind_host_port
-    print(f'\nTOP_N is starting on http://{host}:{port}/\n'
-          f'  demo login: {DEMO_USER} / {DEMO_PASSWORD}\n'
-          f'  API token:  {token}\n'
-          f'  try:  curl -s -H "Authorization: Bearer {token}" -H "Content-Type: application/json" \\\n'
-          f'          -d \'{{"platform": "noop", "articles": [{{"title": "你好", "content": "第一篇"}}]}}\' \\\n'
-          f'          http://{host}:{port}/api/publish/create_batch\n', flush=True)
+    url = f'http://{host}:{port}'
+    print(f'\nTOP_N is starting on {url}/\n'
+          f'  demo login:        {DEMO_USER} / {DEMO_PASSWORD}\n'
+          f'  API token:         {token}\n'
+          f'  sandbox platform:  {config.sandbox_url}/  (published articles: {config.sandbox_url}/api/articles)\n'
+          f'  publish two articles to the sandbox:\n'
+          f'    curl -s -H "Authorization: Bearer {token}" \\\n'
+          f'      -d \'{{"platform": "sandbox", "articles": [{{"title": "你好，TOP_N", "content": "# 第一篇\\n\\n正文"}}, '
+          f'{{"title": "Second", "content": "**bold** body"}}]}}\' \\\n'
+          f'      {url}/api/publish/create_batch\n'
+          f'    curl -s -H "Authorization: Bearer {token}" {url}/api/publish/tasks/list\n', flush=True)
     return Supervisor(config).run()
+
+
+def start_sandbox(config):
+    """Serve the sandbox platform from a child process unless something already answers there."""
+    try:
+        urllib.request.urlopen(config.sandbox_url + '/api/faults', timeout=1).close()
+        return
+    except OSError:
+        pass
+    multiprocessing.get_context('fork').Process(
+        target=sandbox.serve, args=(config.sandbox_bind,), name='topn-sandbox', daemon=True).start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(config.sandbox_url + '/api/faults', timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise CommandError(f'the sandbox platform did not start on {config.sandbox_bind}')
+
+
+def sandbox_session(base_url, name, password):
+    """A logged-in sandbox session as a cookie string, creating the sandbox account if needed."""
+    def post(path):
+        request = urllib.request.Request(base_url + path, json.dumps({'name': name, 'password': password}).encode(),
+                                         {'Content-Type': 'application/json'})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    try:
+        post('/api/accounts')
+    except urllib.error.HTTPError as error:
+        if error.code != 409:
+            raise
+    return post('/api/session')['cookies']
 
 
 def batch_from_files(paths, platform, urgent):
@@ -294,6 +408,15 @@ def build_parser():
     status = commands.add_parser('status', help='print queue and task figures as JSON')
     status.add_argument('--user')
     status.set_defaults(run=cmd_status)
+    account = commands.add_parser('account', help="store or check a user's login on a platform")
+    account.add_argument('action', choices=('set', 'check'))
+    account.add_argument('user')
+    account.add_argument('platform')
+    account.add_argument('--cookies', help='the cookies of a logged-in session: "name=value; name2=value2"')
+    account.add_argument('--cookies-file', help='a file holding that cookie string')
+    account.set_defaults(run=cmd_account)
+    commands.add_parser('sandbox', help='serve the local sandbox platform on TOPN_SANDBOX_BIND').set_defaults(
+        run=cmd_sandbox)
     commands.add_parser('demo', help='create the demo user and run everything locally').set_defaults(run=cmd_demo)
     return parser
 
@@ -304,7 +427,7 @@ def main(argv=None):
     try:
         config = Config.from_env()
         return args.run(config, args) or 0
-    except (ConfigError, CommandError, DatabaseUnavailable) as error:
+    except (ConfigError, CommandError, DatabaseUnavailable, AccountError) as error:
         print(f'topn: {error}', file=sys.stderr)
         return 2
     except redis.RedisError as error:

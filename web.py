@@ -9,6 +9,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 
 import bottle
 import redis
@@ -47,6 +48,7 @@ def make_app(config, db, scheduler):
         ('POST', '/api/publish/tasks/cancel', api.cancel),
         ('POST', '/api/publish/tasks/retry', api.retry),
         ('GET', '/api/publish/tasks/<task_id:re:[0-9a-f-]{36}>', api.task_detail),
+        ('GET', '/api/publish/tasks/<task_id:re:[0-9a-f-]{36}>/evidence/<attempt:int>/<name>', api.evidence_file),
         ('GET', '/api/metrics', api.metrics),
         ('GET', '/healthz', api.health),
     ]
@@ -117,7 +119,11 @@ def iso8601(value):
     return value.replace(tzinfo=datetime.timezone.utc).isoformat(timespec='milliseconds')
 
 
-def task_json(row):
+EVIDENCE_FILES = ('screenshot.png', 'page.html', 'url.txt')
+
+
+def task_json(row, evidence=()):
+    """A task as the API shows it; `evidence` is [(attempt, [file names])] of failed attempts."""
     return {
         'task_id': row['task_id'],
         'status': row['status'],
@@ -134,7 +140,18 @@ def task_json(row):
         'error_message': row['error_message'],
         'retry_count': row['retry_count'],
         'max_retries': row['max_retries'],
+        'evidence': [{'attempt': attempt, 'files': [evidence_url(row['task_id'], attempt, name) for name in files]}
+                     for attempt, files in evidence],
     }
+
+
+def evidence_url(task_id, attempt, name):
+    return f'/api/publish/tasks/{task_id}/evidence/{attempt}/{name}'
+
+
+def tasks_json(db, rows):
+    evidence = db.evidence_of([row['task_id'] for row in rows if row['status'] in ('failed', 'retry', 'success')])
+    return [task_json(row, evidence.get(row['task_id'], ())) for row in rows]
 
 
 class Api:
@@ -191,7 +208,7 @@ class Api:
         if len(task_ids) > MAX_STATUS_IDS:
             raise InvalidRequest('too_many_task_ids', f'ask for at most {MAX_STATUS_IDS} tasks at once')
         rows = self.db.tasks_by_ids(user['id'], task_ids)
-        return json_ok(tasks=[task_json(row) for row in rows])
+        return json_ok(tasks=tasks_json(self.db, rows))
 
     def tasks_list(self):
         user = self.current_user()
@@ -206,7 +223,7 @@ class Api:
         if limit > MAX_PAGE_SIZE:
             raise InvalidRequest('invalid_limit', f'limit must be at most {MAX_PAGE_SIZE}')
         rows, total = self.db.list_tasks(user['id'], status, (page - 1) * limit, limit)
-        return json_ok(tasks=[task_json(row) for row in rows], total=total, page=page, limit=limit)
+        return json_ok(tasks=tasks_json(self.db, rows), total=total, page=page, limit=limit)
 
     def task_detail(self, task_id):
         user = self.current_user()
@@ -215,7 +232,18 @@ class Api:
             raise NotFound('task_not_found', f'no task {task_id}')
         attempts = [{**attempt, 'started_at': iso8601(attempt['started_at']), 'ended_at': iso8601(attempt['ended_at'])}
                     for attempt in self.db.history(task_id)]
-        return json_ok(task={**task_json(row), 'attempts': attempts})
+        return json_ok(task={**tasks_json(self.db, [row])[0], 'attempts': attempts})
+
+    def evidence_file(self, task_id, attempt, name):
+        """A failed attempt's screenshot, page or URL, for the task's owner only."""
+        user = self.current_user()
+        if name not in EVIDENCE_FILES or self.db.task_for_user(user['id'], task_id) is None:
+            raise NotFound('evidence_not_found', 'no such evidence')
+        folder = os.path.join(self.config.evidence_dir, task_id, str(attempt))
+        response = bottle.static_file(name, root=os.path.abspath(folder))
+        if response.status_code == 404:
+            raise NotFound('evidence_not_found', 'no such evidence')
+        return response
 
     def cancel(self):
         user = self.current_user()

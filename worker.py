@@ -8,6 +8,7 @@ process exits. `run_once()` is one claim-and-publish step, callable from a test.
 
 import logging
 import os
+import pathlib
 import signal
 import socket
 import threading
@@ -15,10 +16,13 @@ import time
 
 import redis
 
+from accounts import AccountError, AccountStore, load_secret_key
 from db import Database, DatabaseUnavailable
+from pool import DriverPool, PoolTimeout
 from publishers import load_publishers
 from publishers.base import (Attempt, AttemptCancelled, AttemptSuperseded, AttemptTimedOut,
                              PublishError)
+from publishers.browser import capture_evidence
 from scheduler import Scheduler, connect_redis
 
 log = logging.getLogger('topn.worker')
@@ -27,18 +31,34 @@ IDLE_WAIT = 1.0
 MAX_ERROR_BACKOFF = 5.0
 
 
+class PacingDelay(Exception):
+    def __init__(self, seconds):
+        super().__init__(f'wait {seconds:.1f} s')
+        self.seconds = seconds
+
+
+def failed_outcome(attempt):
+    """A failure after the submit click leaves it open whether the platform took the
+    article; the next attempt then looks before publishing again."""
+    return 'unknown' if attempt.submitted else 'failed'
+
+
 def worker_id_for(pid, host=None):
     return f'{host or socket.gethostname()}:{pid}'
 
 
 class Worker:
-    def __init__(self, config, worker_id=None, publishers=None):
+    def __init__(self, config, worker_id=None, publishers=None, leases=None):
         self.config = config
         self.worker_id = worker_id or worker_id_for(os.getpid())
         self.db = Database(config.mysql)
         self.redis = connect_redis(config.redis_url)
         self.publishers = publishers if publishers is not None else load_publishers(config)
         self.scheduler = Scheduler(config, self.db, self.redis, self.publishers)
+        self.accounts = AccountStore(self.db, load_secret_key(config))
+        self.leases = leases
+        self._driver_pool = None
+        self._pool_lock = threading.Lock()
         self.stopping = threading.Event()
         self.exited = threading.Event()
         self.stop_requested = False
@@ -57,25 +77,102 @@ class Worker:
     def execute(self, task):
         task_id, number = task['task_id'], task['attempt']
         log.info('task %s attempt %s on %s: started', task_id, number, task['platform'])
-        attempt = Attempt(task, self._progress_reporter(task_id, number), self.config.task_timeout)
-        publisher = self.publishers.get(task['platform'])
+        attempt = Attempt(task, self._progress_reporter(task_id, number), self.config.task_timeout,
+                          remember_ref=lambda ref: self.db.set_platform_ref(task_id, number, ref))
+        clean = False
         try:
-            if publisher is None:
-                raise PublishError(f'this worker has no publisher for {task["platform"]!r}', retryable=False)
-            url = publisher.publish(attempt)
+            url = self._publish(task, attempt)
+            clean = True
+        except PacingDelay as delay:
+            self.scheduler.defer(task, delay.seconds)
+            log.info('task %s: the account must wait %.1f s between publishes; deferred', task_id, delay.seconds)
         except AttemptCancelled:
+            clean = True
             self._record(self.scheduler.record_cancelled, task)
         except AttemptSuperseded:
             log.warning('task %s attempt %s: taken back by the reaper; dropping this attempt', task_id, number)
         except AttemptTimedOut as error:
+            self._save_evidence(attempt)
             self._record(self.scheduler.record_failure, task, str(error), True, 'timeout')
         except PublishError as error:
-            self._record(self.scheduler.record_failure, task, str(error), error.retryable)
+            self._save_evidence(attempt)
+            outcome = 'failed' if error.refused else failed_outcome(attempt)
+            self._record(self.scheduler.record_failure, task, str(error), error.retryable, outcome)
         except Exception as error:
             log.exception('task %s attempt %s: publisher crashed', task_id, number)
-            self._record(self.scheduler.record_failure, task, f'{type(error).__name__}: {error}')
+            self._save_evidence(attempt)
+            self._record(self.scheduler.record_failure, task, f'{type(error).__name__}: {error}', True,
+                         failed_outcome(attempt))
         else:
             self._record(self.scheduler.record_success, task, url)
+        finally:
+            self._hand_back_driver(attempt, clean)
+
+    def _publish(self, task, attempt):
+        publisher = self.publishers.get(task['platform'])
+        if publisher is None:
+            raise PublishError(f'this worker has no publisher for {task["platform"]!r}', retryable=False)
+        if publisher.needs_browser:
+            attempt.account = self._account(task, publisher)
+            interval = self.config.pacing_for(publisher.name)
+            if interval > 0:
+                wait = self.db.reserve_publish_slot(task['user_id'], publisher.name, interval)
+                if wait > 0:
+                    raise PacingDelay(wait)
+                attempt.set_submit_gate(
+                    lambda: self.db.claim_submit_moment(task['user_id'], publisher.name, interval))
+            attempt.driver = self._lease_driver()
+            attempt.progress(10)
+        return publisher.publish(attempt)
+
+    def _account(self, task, publisher):
+        try:
+            account = self.accounts.load(task['user_id'], publisher.name)
+        except AccountError as error:
+            raise PublishError(str(error), retryable=False) from None
+        if account is None:
+            raise PublishError(f'you have no {publisher.label or publisher.name} account in TOP_N yet; '
+                               'add its login cookies first', retryable=False)
+        return account
+
+    def _lease_driver(self):
+        try:
+            return self.driver_pool.acquire(self.config.driver_acquire_timeout)
+        except PoolTimeout as error:
+            raise PublishError(f'no browser was free: {error}') from None
+
+    def _save_evidence(self, attempt):
+        if attempt.driver is None:
+            return
+        folder = pathlib.Path(self.config.evidence_dir) / attempt.task_id / str(attempt.number)
+        files = capture_evidence(attempt.driver, folder)
+        if files:
+            try:
+                self.db.record_evidence(attempt.task_id, attempt.number, files)
+            except DatabaseUnavailable as error:
+                log.warning('task %s: evidence saved in %s but not recorded: %s', attempt.task_id, folder, error)
+
+    def _hand_back_driver(self, attempt, clean):
+        """A driver whose task ended cleanly is wiped and pooled; any other is quit."""
+        if attempt.driver is None:
+            return
+        if clean:
+            self.driver_pool.release(attempt.driver)
+        else:
+            self.driver_pool.discard(attempt.driver)
+
+    @property
+    def driver_pool(self):
+        """Made on first use, in the worker process, so nothing starts at fork or import."""
+        with self._pool_lock:
+            if self._driver_pool is None:
+                self._driver_pool = self._new_driver_pool()
+            return self._driver_pool
+
+    def _new_driver_pool(self):
+        return DriverPool(self.leases, max_drivers=self.config.max_drivers, idle_seconds=self.config.driver_idle,
+                          webdriver_url=self.config.webdriver_url or None, browser_root=self.config.browser_root,
+                          instance=self.config.redis_prefix, cpu_busy_percent=self.config.browser_cpu_busy)
 
     def _progress_reporter(self, task_id, number):
         def report(percent):
@@ -127,7 +224,12 @@ class Worker:
                 self.stopping.set()
             time.sleep(0.2)
         self.exited.set()
+        self.close_browsers()
         log.info('worker %s stopped', self.worker_id)
+
+    def close_browsers(self):
+        if self._driver_pool is not None:
+            self._driver_pool.close()
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
@@ -152,6 +254,8 @@ class Worker:
         """Renew leases until the slots have exited, draining included."""
         while not self.exited.wait(self.config.heartbeat_interval):
             try:
+                if self._driver_pool is not None:
+                    self._driver_pool.quit_idle()
                 self.db.renew_leases(self.worker_id, self.config.lease_ttl)
             except DatabaseUnavailable as error:
                 log.warning('worker %s: heartbeat failed: %s', self.worker_id, error)
@@ -159,6 +263,6 @@ class Worker:
                 log.exception('worker %s: heartbeat failed', self.worker_id)
 
 
-def worker_main(config):
+def worker_main(config, leases):
     """Entry point of a forked worker process."""
-    Worker(config).run()
+    Worker(config, leases=leases).run()

@@ -2,8 +2,9 @@
 
 from publishers.noop import NoopPublisher
 from publishers.sandbox import SandboxPublisher
+from publishers.zhihu import ZhihuPublisher
 
-PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher)
+PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher, ZhihuPublisher)
 
 
 def platform_names():

@@ -13,16 +13,24 @@ import time
 from publishers import content
 
 
+# Attempt outcomes after which nobody knows whether the platform took the article.
+UNKNOWN_OUTCOMES = ('lost', 'timeout', 'unknown')
+PACING_POLL = 0.5
+
+
 class PublishError(Exception):
     """The platform refused the article or the flow broke.
 
     `retryable=False` for what another attempt cannot fix (an expired login, an article
-    the platform rejects), so no retries are spent on it.
+    the platform rejects), so no retries are spent on it. `refused=True` when, although it
+    came after the submit click, the platform certainly did not take the article (it said
+    no, or we looked and it is not there): the next attempt then need not look first.
     """
 
-    def __init__(self, message, retryable=True):
+    def __init__(self, message, retryable=True, refused=False):
         super().__init__(message)
         self.retryable = retryable
+        self.refused = refused
 
 
 class AttemptStopped(Exception):
@@ -45,7 +53,7 @@ class LoginExpired(PublishError):
     """The stored login no longer works: only the user can fix it, so no retries."""
 
     def __init__(self, message):
-        super().__init__(message, retryable=False)
+        super().__init__(message, retryable=False, refused=True)
 
 
 class Attempt:
@@ -74,6 +82,8 @@ class Attempt:
         self.cancel_requested = False
         self._report_progress = report_progress
         self._remember_ref = remember_ref
+        self._submit_gate = lambda: 0
+        self._last_percent = 0
         self._clock = clock
         self._deadline = clock() + timeout
         self._timeout = timeout
@@ -86,6 +96,10 @@ class Attempt:
     def seconds_left(self):
         return max(0.0, self._deadline - self._clock())
 
+    def set_submit_gate(self, gate):
+        """`gate()` answers how many seconds this account must still wait before submitting."""
+        self._submit_gate = gate
+
     def remember_platform_ref(self, ref):
         """Persist a platform-side id (a draft id) at once: if this attempt dies, the next continues it."""
         self.platform_ref = ref
@@ -97,7 +111,7 @@ class Attempt:
         """True when an earlier attempt ended without us knowing whether the platform
         took the article (its worker vanished, it timed out, or it failed after the
         submit click): look on the platform before publishing again."""
-        return any(earlier['outcome'] in ('lost', 'timeout', 'unknown') for earlier in self.earlier_attempts)
+        return any(earlier['outcome'] in UNKNOWN_OUTCOMES for earlier in self.earlier_attempts)
 
     @property
     def first_started_at(self):
@@ -110,6 +124,7 @@ class Attempt:
         """Record progress and stop the attempt if it was cancelled, timed out or taken back."""
         if self._clock() > self._deadline:
             raise AttemptTimedOut(f'timed out after {self._timeout:g} s')
+        self._last_percent = percent
         cancel_requested = self._report_progress(percent)
         if cancel_requested is None:
             raise AttemptSuperseded('the task was taken back from this worker')
@@ -118,6 +133,11 @@ class Attempt:
             raise AttemptCancelled('cancelled by the user')
 
     def mark_submitted(self):
+        """Called right before the click or request that publishes. Waits here, still
+        cancellable, while the account's pacing says the last submit was too recent."""
+        while (wait := self._submit_gate()) > 0:
+            self.progress(self._last_percent)
+            time.sleep(min(wait, PACING_POLL))
         self.submitted = True
 
 

@@ -133,11 +133,12 @@ class SandboxPublisher(Publisher):
             raise LoginExpired(f'沙盒平台登录已失效：请在账号页更新 Cookie ({message})')
         if code in REFUSALS:
             reason, retryable = REFUSALS[code]
-            raise PublishError(f'{reason}: {message}', retryable=retryable)
+            raise PublishError(f'{reason}: {message}', retryable=retryable, refused=True)
         earlier = self._find_published(driver, attempt)
         if earlier:
             return earlier
-        raise PublishError(f'the platform did not publish the article: {message} ({code or "no code"})')
+        raise PublishError(f'the platform did not publish the article: {message} ({code or "no code"})',
+                           refused=True)
 
     def _verify(self, driver, url, attempt):
         if driver.current_url != url:

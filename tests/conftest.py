@@ -109,7 +109,7 @@ def config(mysql_database, redis_server):
     yield Config(
         mysql_url=f'mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{mysql_database}',
         redis_url=REDIS_URL, redis_prefix=TEST_PREFIX,
-        retry_backoff=0.05, lease_ttl=2.0, heartbeat_interval=0.5, reaper_interval=0.1,
+        retry_backoff=0.05, unknown_outcome_settle=0.2, lease_ttl=2.0, heartbeat_interval=0.5, reaper_interval=0.1,
         reconcile_interval=1.0, shutdown_grace=10.0)
     delete_prefix(redis_server, TEST_PREFIX)
 
@@ -266,7 +266,8 @@ class Service:
         return self.log_path.read_text()
 
     def worker_pids(self):
-        output = subprocess.run(['pgrep', '-P', str(self.process.pid)], capture_output=True, text=True).stdout
+        output = subprocess.run(['pgrep', '-P', str(self.process.pid), '-x', 'topn-worker'],
+                                capture_output=True, text=True).stdout
         return [int(pid) for pid in output.split()]
 
     def stop(self, timeout=30):
@@ -293,7 +294,7 @@ def start_service(config, tmp_path):
         'TOPN_MYSQL_URL': config.mysql_url, 'TOPN_REDIS_URL': config.redis_url,
         'TOPN_REDIS_PREFIX': config.redis_prefix, 'TOPN_RETRY_BACKOFF': '0.05', 'TOPN_LEASE_TTL': '2',
         'TOPN_HEARTBEAT_INTERVAL': '0.5', 'TOPN_REAPER_INTERVAL': '0.1', 'TOPN_RECONCILE_INTERVAL': '1',
-        'TOPN_SHUTDOWN_GRACE': '10', 'TOPN_LOG_LEVEL': 'INFO',
+        'TOPN_SHUTDOWN_GRACE': '10', 'TOPN_LOG_LEVEL': 'INFO', 'TOPN_UNKNOWN_OUTCOME_SETTLE': '0.2',
     }
 
     def start(*args, **env):

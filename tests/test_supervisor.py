@@ -6,12 +6,13 @@ from conftest import wait_until
 from topn import Supervisor, describe_exit
 
 
-def dies_at_start(config):
+def dies_at_start(config, leases):
     sys.exit(3)
 
 
 def test_supervisor_gives_up_instead_of_spinning_when_workers_die_at_start_up(config):
     supervisor = Supervisor(config, run_web=False, worker_target=dies_at_start)
+    supervisor._start_lease_registry()
     supervisor._spawn(0)
 
     def gave_up():
@@ -22,6 +23,7 @@ def test_supervisor_gives_up_instead_of_spinning_when_workers_die_at_start_up(co
     assert supervisor.exit_code == 1
     assert supervisor.boot_failures[0] == 3
     assert not any(process.is_alive() for process, _ in supervisor.workers.values())
+    supervisor.manager.shutdown()
 
 
 def test_exit_descriptions_name_the_signal_or_the_code():

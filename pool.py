@@ -1,0 +1,616 @@
+"""Headless Chromium for the workers: a pool of warm browsers per worker process, under one
+machine-wide cap.
+
+Every live browser holds exactly one lease from `SharedLeases`, a semaphore the supervisor
+creates with `lease_registry()` before it forks the workers. The lease is taken before the
+browser starts and given back only once the browser has quit and its processes are gone, so
+at most `max_drivers` browsers exist on the machine whatever the workers do, and the
+supervisor can return the leases of a worker that was SIGKILLed (`release_all_of`).
+
+Each worker process owns one `DriverPool`, shared by its slot threads. A driver serves one
+task at a time: `acquire()` it, publish, then `release()` it (its cookies, storage and extra
+windows are wiped and it goes back to idle) or `discard()` it after a failure mid-task.
+
+Finding a worker's browser processes. Chromium's children re-parent to init (zygotes linger
+~2 s after `quit()`, crashpad handlers always), so walking the process tree from the worker
+misses them. Instead every process a driver starts carries a path in its command line:
+    {browser_root}/{instance}/w{worker_pid}/{n}/
+chromedriver through `--log-path`, chromium, its zygotes, renderers and utilities through
+`--user-data-dir`, and the two crashpad handlers through `--database`, which Chromium takes
+from the BREAKPAD_DUMP_LOCATION environment variable (without it they point at
+~/.config/chromium and carry no marker). Scanning /proc/*/cmdline for the path finds them
+all, even after the worker itself died: `kill_browser_processes(browser_marker(...))`.
+"""
+
+import itertools
+import logging
+import multiprocessing.util
+import os
+import shutil
+import signal
+import threading
+import time
+from urllib.parse import urlsplit
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chromium.remote_connection import ChromiumRemoteConnection
+
+log = logging.getLogger('topn.pool')
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMEDRIVER = '/usr/bin/chromedriver'
+DEFAULT_BROWSER_ROOT = '/tmp/topn-browsers'
+
+# Measured in research/browsers.md: the lean set saves ~70 MB per browser (331 vs 402 MB for
+# one, 1063 vs 1513 MB for eight), most of it by not preloading the omnibox popup renderer.
+BASE_FLAGS = ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+              '--disable-background-networking', '--disable-component-update', '--disable-sync',
+              '--no-first-run')
+LEAN_FLAGS = ('--renderer-process-limit=1', '--disable-software-rasterizer', '--disable-site-isolation-trials',
+              '--disable-features=WebUIOmniboxPopup,WebUIOmniboxAimPopup,SpareRendererForSitePerProcess,'
+              'IsolateOrigins,site-per-process')
+WINDOW_SIZE = '--window-size=1280,900'
+
+HEALTH_TIMEOUT = 3.0
+QUIT_TIMEOUT = 5.0
+WIPE_TIMEOUT = 15.0
+PROCESS_EXIT_TIMEOUT = 5.0
+LEASE_POLL = 0.25
+ADMISSION_POLL = 0.1
+
+_driver_numbers = itertools.count()
+
+
+class PoolTimeout(Exception):
+    """acquire() found no driver it was allowed to hand out before its timeout."""
+
+
+class PoolClosed(Exception):
+    """The pool was closed; it hands out no more drivers."""
+
+
+class WipeFailed(Exception):
+    """A browser still carried state after wipe_browser_state(); it must not serve anyone else."""
+
+
+# -- machine-wide leases ---------------------------------------------------------------
+
+def lease_registry(manager, max_drivers):
+    """The supervisor's one registry of browser leases, built from a started
+    `multiprocessing.Manager()` before the workers are forked."""
+    return SharedLeases(manager.BoundedSemaphore(max_drivers), manager.dict(), manager.dict(), max_drivers)
+
+
+class SharedLeases:
+    """Manager proxies shared by every pool on the machine: a semaphore of `max_drivers`
+    leases, {pid: leases held} so the supervisor can return a dead worker's leases, and
+    {pid: drivers handed out} for CPU admission.
+
+    A worker only writes its own pid's entries. The semaphore is taken before the count goes
+    up and the count goes down before the semaphore is given back, so a worker killed between
+    the two steps can leak a lease (the cap shrinks by one) but never lets the cap be exceeded.
+    """
+
+    def __init__(self, semaphore, held, working, max_drivers):
+        self.max_drivers = max_drivers
+        self._semaphore = semaphore
+        self._held = held
+        self._working = working
+        self._new_lock()
+
+    def _new_lock(self):
+        """A lock per process: a forked child must not inherit one held by a parent's thread."""
+        self._lock = threading.Lock()
+        multiprocessing.util.register_after_fork(self, SharedLeases._reset_lock)
+
+    def _reset_lock(self):
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state['_lock']
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._new_lock()
+
+    def take(self, pid, timeout):
+        """Take one lease for process `pid`, waiting up to `timeout` seconds. True when taken."""
+        if not self._semaphore.acquire(True, max(0.0, timeout)):
+            return False
+        with self._lock:
+            self._held[pid] = self._held.get(pid, 0) + 1
+        return True
+
+    def give_back(self, pid):
+        with self._lock:
+            count = self._held.get(pid, 0)
+            if count <= 0:
+                raise ValueError(f'process {pid} holds no browser lease to give back')
+            if count == 1:
+                del self._held[pid]
+            else:
+                self._held[pid] = count - 1
+        self._semaphore.release()
+
+    def release_all_of(self, pid):
+        """Give back every lease a dead worker held; returns how many. Kill its browsers first
+        (`kill_browser_processes(browser_marker(instance, pid))`): a lease stands for a browser."""
+        with self._lock:
+            count = self._held.pop(pid, 0)
+            self._working.pop(pid, None)
+        for _ in range(count):
+            self._semaphore.release()
+        return count
+
+    def in_use(self):
+        """Leases held machine-wide, i.e. live browsers."""
+        return sum(self._held.values())
+
+    def begin_work(self, pid):
+        """Count one more driver handed out by `pid`; returns the machine-wide count including it."""
+        with self._lock:
+            self._working[pid] = self._working.get(pid, 0) + 1
+        return self.working()
+
+    def end_work(self, pid):
+        with self._lock:
+            count = self._working.get(pid, 0)
+            if count <= 1:
+                self._working.pop(pid, None)
+            else:
+                self._working[pid] = count - 1
+
+    def working(self):
+        """Drivers handed out machine-wide (busy with a task, not idle in a pool)."""
+        return sum(self._working.values())
+
+
+# -- CPU ---------------------------------------------------------------------------------
+
+def read_cpu_times(path='/proc/stat'):
+    """(busy, total) jiffies of all CPUs together since boot."""
+    with open(path) as stat:
+        values = [int(value) for value in stat.readline().split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class CpuSampler:
+    """Machine-wide CPU busy percent over roughly the last `window` seconds, from /proc/stat.
+
+    One reading serves every caller for `window` seconds. When the previous reading is too
+    old to describe the present, the sampler waits one window for a fresh one; callers only
+    ask when the machine already runs as many drivers as it has CPUs.
+    """
+
+    def __init__(self, window=0.5, read=read_cpu_times, clock=time.monotonic, sleep=time.sleep):
+        self.window = window
+        self._read, self._clock, self._sleep = read, clock, sleep
+        self._lock = threading.Lock()
+        self._last = None
+        self._percent = None
+        self._percent_at = None
+
+    def __call__(self):
+        with self._lock:
+            now = self._clock()
+            if self._percent is not None and now - self._percent_at < self.window:
+                return self._percent
+            if self._last is None or now - self._last[0] > 4 * self.window:
+                self._last = (now, self._read())
+                self._sleep(self.window)
+                now = self._clock()
+            (busy_before, total_before), (busy, total) = self._last[1], self._read()
+            elapsed_total = total - total_before
+            self._percent = 100.0 * (busy - busy_before) / elapsed_total if elapsed_total > 0 else 0.0
+            self._percent_at = now
+            self._last = (now, (busy, total))
+            return self._percent
+
+
+# -- the pool ------------------------------------------------------------------------------
+
+class _Browser:
+    __slots__ = ('driver', 'folder', 'idle_since')
+
+    def __init__(self, driver, folder):
+        self.driver = driver
+        self.folder = folder
+        self.idle_since = None
+
+
+class DriverPool:
+    """The browsers of one worker process, shared by its slot threads.
+
+    Create it after the fork, in the process that uses it. `acquire()` hands out an idle
+    healthy driver, or starts one under a machine-wide lease, or waits. Every driver goes back
+    through `release()` (wiped, then idle) or `discard()` (quit). Drivers idle for longer than
+    `idle_seconds` are quit by `quit_idle()`, which the worker calls now and then and which
+    acquire() and release() call on the way.
+
+    `cpu_sampler` returns the machine's CPU busy percent (default: `CpuSampler()`), `cpus`
+    the number of drivers always admitted (default: os.cpu_count()); both are here for tests.
+    """
+
+    def __init__(self, leases, *, max_drivers=8, idle_seconds=300, webdriver_url=None,
+                 browser_root=DEFAULT_BROWSER_ROOT, instance='topn', cpu_busy_percent=85,
+                 clock=time.monotonic, cpu_sampler=None, cpus=None):
+        self.max_drivers = max_drivers
+        self.idle_seconds = idle_seconds
+        self.cpu_busy_percent = cpu_busy_percent
+        self.webdriver_url = webdriver_url
+        self.pid = os.getpid()
+        self.marker = browser_marker(instance, self.pid, browser_root)
+        self._leases = leases
+        self._clock = clock
+        self._cpu_sampler = cpu_sampler or CpuSampler()
+        self._cpus = cpus or os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._browsers = {}
+        self._idle = []
+        self._handed_out = set()
+        self._starting = 0
+        self._closed = False
+
+    # -- handing drivers out -----------------------------------------------------------
+
+    def acquire(self, timeout=30):
+        """A driver for one task. Raises PoolTimeout when none may be handed out within
+        `timeout` seconds: the browser cap is reached, or the CPU stays busy. The timeout
+        bounds the waiting, not the start of a browser once it is allowed."""
+        self._check_usable()
+        deadline = self._clock() + timeout
+        self._admit(timeout, deadline)
+        try:
+            browser = self._idle_or_new(timeout, deadline)
+        except BaseException:
+            self._leases.end_work(self.pid)
+            raise
+        self.quit_idle()
+        return browser.driver
+
+    def _admit(self, timeout, deadline):
+        """The cap is a ceiling, not a target. On 2 cores eight browsers working at once
+        publish slower than four (browsers.md: 1.14 vs 1.69 tasks/s), so a driver is handed
+        out only while the machine's CPU is at most `cpu_busy_percent` busy, except that up to
+        `cpus` drivers working machine-wide are always admitted, so work always progresses
+        whatever else loads the machine. A caller counts itself in before it looks, and
+        backs out to wait, so racing workers cannot overshoot that floor together."""
+        while True:
+            working = self._leases.begin_work(self.pid)
+            try:
+                busy = None if working <= self._cpus else self._cpu_sampler()
+            except BaseException:
+                self._leases.end_work(self.pid)
+                raise
+            if busy is None or busy <= self.cpu_busy_percent:
+                return
+            self._leases.end_work(self.pid)
+            if self._clock() >= deadline:
+                raise PoolTimeout(
+                    f'CPU busy for {timeout:g} s: {busy:.0f}% > {self.cpu_busy_percent}% with '
+                    f'{working - 1} drivers already working on this machine ({self._cpus} are always admitted)')
+            time.sleep(min(ADMISSION_POLL, max(0.0, deadline - self._clock())))
+            self._check_usable()
+
+    def _idle_or_new(self, timeout, deadline):
+        while True:
+            browser = self._healthy_idle_browser() or self._new_browser(deadline)
+            if browser is not None:
+                with self._lock:
+                    self._handed_out.add(browser)
+                return browser
+            self._check_usable()
+            if self._clock() >= deadline:
+                raise PoolTimeout(
+                    f'browser cap reached: waited {timeout:g} s; {self._leases.in_use()} of the '
+                    f'{self._leases.max_drivers} browser leases on this machine are held, this process has '
+                    f'{len(self._browsers)} live browsers (at most {self.max_drivers}), {len(self._handed_out)} in use')
+
+    def _healthy_idle_browser(self):
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                browser = self._idle.pop()
+            if is_healthy(browser.driver):
+                return browser
+            log.warning('an idle browser failed its health check; replacing it')
+            self._destroy(browser)
+
+    def _new_browser(self, deadline):
+        """Start a browser when this pool is under `max_drivers` and a machine-wide lease comes
+        free within one short poll; None otherwise, so the caller can look at idle ones again."""
+        wait = min(LEASE_POLL, max(0.0, deadline - self._clock()))
+        with self._lock:
+            room = len(self._browsers) + self._starting < self.max_drivers
+            if room:
+                self._starting += 1
+        if not room:
+            time.sleep(wait)
+            return None
+        try:
+            if not self._leases.take(self.pid, wait):
+                return None
+            return self._start_browser()
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    def _start_browser(self):
+        """Start a driver under the lease the caller holds; give the lease back if it fails."""
+        folder = None if self.webdriver_url else f'{self.marker}{next(_driver_numbers)}/'
+        try:
+            driver = self._start_driver(folder)
+        except BaseException:
+            self._give_back_after_exit(folder)
+            raise
+        browser = _Browser(driver, folder)
+        with self._lock:
+            self._browsers[id(driver)] = browser
+        if self._closed:
+            self._destroy(browser)
+            raise PoolClosed('the pool was closed while a browser was starting')
+        return browser
+
+    def _start_driver(self, folder):
+        os.environ.setdefault('SE_OFFLINE', 'true')
+        options = browser_options()
+        if self.webdriver_url:
+            connection = ChromiumRemoteConnection(self.webdriver_url, vendor_prefix='goog', browser_name='chrome')
+            return webdriver.Remote(command_executor=connection, options=options)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder + 'profile')
+        options.binary_location = CHROMIUM
+        options.add_argument(f'--user-data-dir={folder}profile')
+        service = Service(CHROMEDRIVER, log_output=folder + 'chromedriver.log', service_args=['--log-level=WARNING'],
+                          env={**os.environ, 'BREAKPAD_DUMP_LOCATION': folder + 'crashes'})
+        return webdriver.Chrome(service=service, options=options)
+
+    # -- taking drivers back ---------------------------------------------------------------
+
+    def release(self, driver):
+        """Take a driver back after a task: wipe its state, then keep it idle for the next
+        one. A driver that cannot be wiped is discarded instead."""
+        browser = self._handed_back(driver)
+        if browser is None:
+            return
+        try:
+            call_with_timeout(lambda: wipe_browser_state(driver), WIPE_TIMEOUT)
+        except Exception as error:
+            log.warning('discarding a browser whose state could not be wiped: %s', error)
+            self._destroy(browser)
+        else:
+            with self._lock:
+                keep = not self._closed and id(driver) in self._browsers
+                if keep:
+                    browser.idle_since = self._clock()
+                    self._idle.append(browser)
+            if not keep:
+                self._destroy(browser)
+        finally:
+            self._leases.end_work(self.pid)
+        self.quit_idle()
+
+    def discard(self, driver):
+        """Quit a driver that must not serve again (a task failed mid-way, the browser crashed)."""
+        browser = self._handed_back(driver)
+        if browser is None:
+            return
+        try:
+            self._destroy(browser)
+        finally:
+            self._leases.end_work(self.pid)
+
+    def _handed_back(self, driver):
+        with self._lock:
+            browser = self._browsers.get(id(driver))
+            if browser is None or browser not in self._handed_out:
+                log.warning('a driver this pool did not hand out (or already took back) was returned; ignored')
+                return None
+            self._handed_out.discard(browser)
+            return browser
+
+    def quit_idle(self):
+        """Quit the drivers idle for longer than `idle_seconds`; returns how many."""
+        now = self._clock()
+        with self._lock:
+            stale = [browser for browser in self._idle if now - browser.idle_since > self.idle_seconds]
+            self._idle = [browser for browser in self._idle if browser not in stale]
+        for browser in stale:
+            self._destroy(browser)
+        return len(stale)
+
+    def close(self):
+        """Quit every driver this pool owns, handed out or idle. The pool hands out no more."""
+        with self._lock:
+            self._closed = True
+            browsers = list(self._browsers.values())
+            handed_out = len(self._handed_out)
+            self._idle.clear()
+            self._handed_out.clear()
+        for browser in browsers:
+            self._destroy(browser)
+        for _ in range(handed_out):
+            self._leases.end_work(self.pid)
+        try:
+            os.rmdir(self.marker)
+        except OSError:
+            pass
+
+    def stats(self):
+        with self._lock:
+            counts = {'live': len(self._browsers), 'leased': len(self._handed_out),
+                      'idle': len(self._idle), 'max': self.max_drivers}
+        return {**counts, 'leases_in_use': self._leases.in_use(), 'working': self._leases.working()}
+
+    # -- ending a browser --------------------------------------------------------------------
+
+    def _destroy(self, browser):
+        """Quit a browser, make sure its processes are gone, then give its lease back."""
+        with self._lock:
+            if self._browsers.pop(id(browser.driver), None) is None:
+                return
+        try:
+            call_with_timeout(browser.driver.quit, QUIT_TIMEOUT)
+        except Exception as error:
+            log.warning('quitting a browser failed (%s); killing its processes', error)
+        self._give_back_after_exit(browser.folder)
+        service = getattr(browser.driver, 'service', None)
+        if service is not None and service.process is not None:
+            service.process.poll()
+
+    def _give_back_after_exit(self, folder):
+        if folder is not None:
+            if not kill_until_gone(folder, PROCESS_EXIT_TIMEOUT):
+                log.error('browser processes under %s survived SIGKILL for %.0f s; keeping their lease',
+                          folder, PROCESS_EXIT_TIMEOUT)
+                return
+            shutil.rmtree(folder, ignore_errors=True)
+        self._leases.give_back(self.pid)
+
+    def _check_usable(self):
+        if self._closed:
+            raise PoolClosed('the pool is closed')
+        if os.getpid() != self.pid:
+            raise RuntimeError('a DriverPool belongs to the process that created it; create one after fork')
+
+
+# -- browsers --------------------------------------------------------------------------------
+
+def browser_options():
+    options = webdriver.ChromeOptions()
+    for flag in BASE_FLAGS + LEAN_FLAGS + (WINDOW_SIZE,):
+        options.add_argument(flag)
+    return options
+
+
+def is_healthy(driver):
+    """A cheap round trip through chromedriver to the page; False for a dead or hung browser."""
+    try:
+        return call_with_timeout(lambda: driver.execute_script('return 1'), HEALTH_TIMEOUT) == 1
+    except Exception:
+        return False
+
+
+def cdp(driver, command, params=None):
+    """One DevTools command, for local and remote Chromium drivers alike."""
+    return driver.execute('executeCdpCommand', {'cmd': command, 'params': params or {}})['value']
+
+
+def visited_origins(driver):
+    """The http(s) origins in the back/forward history of every open window."""
+    origins = set()
+    for handle in driver.window_handles:
+        driver.switch_to.window(handle)
+        for entry in cdp(driver, 'Page.getNavigationHistory')['entries']:
+            parts = urlsplit(entry['url'])
+            if parts.scheme in ('http', 'https'):
+                origins.add(f'{parts.scheme}://{parts.netloc}')
+    return origins
+
+
+def wipe_browser_state(driver):
+    """Leave nothing of one user for the next: one window on about:blank with no history, no
+    cookies, no storage.
+
+    Extra windows are closed and the last one is sent to about:blank first, so no page of the
+    user can write again after the clearing, and its back/forward history (and with it any
+    page kept in the back/forward cache) is reset. Then every cookie of every origin
+    (`Network.clearBrowserCookies`; `delete_all_cookies()` only clears the current host), all
+    storage of every origin (`Storage.clearDataForOrigin` with origin `*`: measured on
+    Chromium 156 to clear cookies, local and session storage, IndexedDB and Cache Storage of
+    all origins, not only of the visited ones), again origin by origin for the origins in the
+    windows' history (the documented use, in case `*` ever stops meaning "all"), and the HTTP
+    cache. Raises WipeFailed when cookies, windows or history are left.
+    """
+    origins = visited_origins(driver)
+    windows = driver.window_handles
+    for handle in windows[:-1]:
+        driver.switch_to.window(handle)
+        driver.close()
+    driver.switch_to.window(windows[-1])
+    driver.get('about:blank')
+    cdp(driver, 'Page.resetNavigationHistory')
+    cdp(driver, 'Network.clearBrowserCookies')
+    cdp(driver, 'Storage.clearDataForOrigin', {'origin': '*', 'storageTypes': 'all'})
+    for origin in sorted(origins):
+        cdp(driver, 'Storage.clearDataForOrigin', {'origin': origin, 'storageTypes': 'all'})
+    cdp(driver, 'Network.clearBrowserCache')
+    cookies_left = len(cdp(driver, 'Network.getAllCookies')['cookies'])
+    windows_left = len(driver.window_handles)
+    history_left = len(cdp(driver, 'Page.getNavigationHistory')['entries'])
+    if cookies_left or windows_left != 1 or history_left != 1:
+        raise WipeFailed(f'{cookies_left} cookies, {windows_left} windows and {history_left} history entries '
+                         f'left after wiping')
+
+
+def call_with_timeout(function, seconds):
+    """function() from a helper thread; TimeoutError if it has not returned after `seconds`
+    (it keeps running in the background; a driver it was talking to gets killed)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome['value'] = function()
+        except BaseException as error:
+            outcome['error'] = error
+
+    thread = threading.Thread(target=run, name='topn-pool-call', daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f'{getattr(function, "__qualname__", function)} did not return within {seconds:g} s')
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome.get('value')
+
+
+# -- browser processes -------------------------------------------------------------------------
+
+def browser_marker(instance, pid, browser_root=DEFAULT_BROWSER_ROOT):
+    """The path every browser process of worker `pid` carries in its command line."""
+    return os.path.join(browser_root, instance, f'w{pid}') + '/'
+
+
+def find_browser_processes(marker):
+    """{pid: command line} of every process on the machine whose command line contains `marker`.
+    Chromium rewrites its children's command lines into one space-separated string."""
+    needle = marker.encode()
+    found = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        if needle in command:
+            found[int(entry)] = command.replace(b'\0', b' ').decode(errors='replace').strip()
+    return found
+
+
+def kill_browser_processes(marker):
+    """SIGKILL every process whose command line contains `marker`; returns how many were found."""
+    found = find_browser_processes(marker)
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(found)
+
+
+def kill_until_gone(marker, timeout):
+    """Kill the processes carrying `marker` until none is left. False if some outlive `timeout`.
+    A killed process waiting to be reaped has an empty command line and counts as gone."""
+    deadline = time.monotonic() + timeout
+    while kill_browser_processes(marker):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -1,0 +1,271 @@
+"""Browser publishing through the whole service: `topn.py serve` with four workers and real
+headless Chromium, publishing to the local sandbox platform (never to a real site).
+The sandbox's own article listing is the ground truth: who published what, how often."""
+
+import collections
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+import waitress.server
+
+import sandbox
+from accounts import AccountStore
+from conftest import batch, free_port, http, wait_until
+from pool import find_browser_processes
+from publishers import load_publishers
+
+SECRET = 'test-secret-key'
+
+
+class Sandbox:
+    """The sandbox platform served from a thread of the test process, on its own port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.server = waitress.server.create_server(sandbox.make_app(), host='127.0.0.1', port=self.port, threads=8)
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+    def call(self, method, path, body=None):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode() if body is not None else None,
+                                         {'Content-Type': 'application/json'}, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def session_for(self, name):
+        self.call('POST', '/api/accounts', {'name': name, 'password': 'pw-' + name})
+        return self.call('POST', '/api/session', {'name': name, 'password': 'pw-' + name})['cookies']
+
+    def articles(self):
+        return self.call('GET', '/api/articles')['articles']
+
+    def faults(self, **knobs):
+        return self.call('POST', '/api/faults', knobs)
+
+
+@pytest.fixture(scope='module')
+def platform():
+    served = Sandbox()
+    yield served
+    served.server.close()
+
+
+@pytest.fixture
+def sandbox_platform(platform):
+    platform.call('POST', '/api/reset')
+    return platform
+
+
+@pytest.fixture
+def browser_service(start_service, sandbox_platform, tmp_path, config):
+    """Start the service publishing to the sandbox; settings as TOPN_* overrides."""
+    def start(**env):
+        return start_service(TOPN_SANDBOX_URL=sandbox_platform.url, TOPN_SECRET_KEY=SECRET,
+                             TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'),
+                             **env)
+    return start
+
+
+@pytest.fixture
+def sandbox_user(make_user, db, config, sandbox_platform):
+    """A TOP_N user whose sandbox login is stored, as `account set` stores it."""
+    store = AccountStore(db, SECRET)
+    publisher = load_publishers(config)['sandbox']
+
+    def make(name):
+        user = make_user(name)
+        store.save(user.id, publisher, sandbox_platform.session_for(name))
+        return user
+    return make
+
+
+def create(service, user, payload):
+    status, body = http('POST', service.url + '/api/publish/create_batch', payload, user.headers)
+    assert status == 200, body
+    return body['task_ids']
+
+
+def tasks(service, user, task_ids):
+    status, body = http('GET', service.url + '/api/publish/tasks/status?task_ids=' + ','.join(task_ids),
+                        headers=user.headers)
+    assert status == 200, body
+    return body['tasks']
+
+
+def all_finished(service, user, task_ids):
+    found = tasks(service, user, task_ids)
+    return found if all(t['status'] in ('success', 'failed', 'cancelled') for t in found) else None
+
+
+def browser_processes(tmp_path):
+    return find_browser_processes(str(tmp_path / 'browsers') + '/')
+
+
+def chromedrivers(tmp_path):
+    return [pid for pid, command in browser_processes(tmp_path).items() if 'chromedriver' in command.split()[0]]
+
+
+def test_three_users_times_ten_articles_land_exactly_once_under_the_right_account(
+        browser_service, sandbox_user, sandbox_platform, tmp_path):
+    service = browser_service()
+    users = [sandbox_user(f'writer{i}') for i in range(3)]
+    submitted = {user.name: create(service, user, batch(10, platform='sandbox', prefix=f'{user.name} 文章'))
+                 for user in users}
+
+    for user in users:
+        found = wait_until(lambda: all_finished(service, user, submitted[user.name]), timeout=240,
+                           message=f'the articles of {user.name}')
+        assert [t['status'] for t in found] == ['success'] * 10
+    published = collections.Counter((a['account'], a['title']) for a in sandbox_platform.articles())
+    expected = {(user.name, f'{user.name} 文章 {i}'): 1 for user in users for i in range(10)}
+    assert dict(published) == expected
+    urls = {t['result_url'] for user in users for t in tasks(service, user, submitted[user.name])}
+    assert urls == {a['url'] for a in sandbox_platform.articles()}
+
+
+def test_never_more_chromedrivers_than_the_cap_and_none_left_after_stop(
+        browser_service, sandbox_user, sandbox_platform, tmp_path):
+    service = browser_service(TOPN_MAX_DRIVERS=3, TOPN_BROWSER_CPU_BUSY=100)
+    users = [sandbox_user(f'u{i}') for i in range(2)]
+    task_ids = {user.name: create(service, user, batch(6, platform='sandbox', prefix=user.name)) for user in users}
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], len(chromedrivers(tmp_path)))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for user in users:
+        wait_until(lambda: all_finished(service, user, task_ids[user.name]), timeout=180, message='the batch')
+    stop.set()
+    sampler.join()
+
+    assert 1 <= peak[0] <= 3
+    assert service.stop() == 0
+    assert browser_processes(tmp_path) == {}
+
+
+def test_idle_browsers_are_quit_after_the_idle_timeout(browser_service, sandbox_user, tmp_path):
+    service = browser_service(TOPN_DRIVER_IDLE=1)
+    alice = sandbox_user('alice')
+    task_ids = create(service, alice, batch(2, platform='sandbox'))
+    wait_until(lambda: all_finished(service, alice, task_ids), timeout=90, message='the batch')
+
+    wait_until(lambda: not browser_processes(tmp_path), timeout=15, message='idle browsers to be quit')
+    assert len(service.worker_pids()) == 4
+
+
+def test_chromium_killed_mid_task_is_retried_published_once_and_replaced(
+        browser_service, sandbox_user, sandbox_platform, tmp_path, db):
+    service = browser_service(TOPN_UNKNOWN_OUTCOME_SETTLE=5)
+    sandbox_platform.faults(publish_latency_ms=3000)
+    alice = sandbox_user('alice')
+    [task_id] = create(service, alice, batch(1, platform='sandbox'))
+    wait_until(lambda: tasks(service, alice, [task_id])[0]['progress'] >= 85, timeout=60,
+               message='the publish click')
+
+    killed = [pid for pid, command in browser_processes(tmp_path).items()
+              if command.startswith('/usr/lib/chromium/chromium') and '--type=' not in command]
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    sandbox_platform.faults(publish_latency_ms=0)
+
+    [task] = wait_until(lambda: all_finished(service, alice, [task_id]), timeout=90, message='the retry')
+    assert killed
+    assert task['status'] == 'success'
+    assert [a['title'] for a in sandbox_platform.articles()] == ['article 0']
+    assert task['result_url'] == sandbox_platform.articles()[0]['url']
+    outcomes = [h['outcome'] for h in db.history(task_id)]
+    assert outcomes[-1] == 'success' and outcomes.count('success') == 1
+    assert not any(pid in browser_processes(tmp_path) for pid in killed)
+
+
+def test_lost_publish_response_is_recognised_and_not_published_twice(
+        browser_service, sandbox_user, sandbox_platform, db):
+    service = browser_service()
+    sandbox_platform.faults(lost_response_rate=1.0)
+    alice = sandbox_user('alice')
+    task_ids = create(service, alice, batch(2, platform='sandbox'))
+
+    found = wait_until(lambda: all_finished(service, alice, task_ids), timeout=120, message='the batch')
+
+    assert [t['status'] for t in found] == ['success', 'success']
+    assert sorted(a['title'] for a in sandbox_platform.articles()) == ['article 0', 'article 1']
+
+
+def test_platform_faults_are_retried_then_fail_with_evidence(
+        browser_service, sandbox_user, sandbox_platform, db, tmp_path):
+    service = browser_service(TOPN_MAX_RETRIES=2)
+    sandbox_platform.faults(publish_fail_rate=1.0)
+    alice = sandbox_user('alice')
+    [task_id] = create(service, alice, batch(1, platform='sandbox'))
+
+    [task] = wait_until(lambda: all_finished(service, alice, [task_id]), timeout=120, message='the last attempt')
+
+    assert task['status'] == 'failed' and task['retry_count'] == 2
+    assert [h['outcome'] for h in db.history(task_id)] == ['failed'] * 3
+    assert sandbox_platform.articles() == []
+    assert [e['attempt'] for e in task['evidence']] == [1, 2, 3]
+    screenshot = task['evidence'][-1]['files'][-1]
+    request = urllib.request.Request(service.url + screenshot, headers=alice.headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_evidence_answers_its_owner_only(browser_service, sandbox_user, sandbox_platform, make_user):
+    service = browser_service(TOPN_MAX_RETRIES=0)
+    sandbox_platform.faults(too_frequent=True)
+    alice, mallory = sandbox_user('alice'), make_user('mallory')
+    [task_id] = create(service, alice, batch(1, platform='sandbox'))
+    [task] = wait_until(lambda: all_finished(service, alice, [task_id]), timeout=90, message='the attempt')
+    [url] = [f for f in task['evidence'][0]['files'] if f.endswith('url.txt')]
+
+    assert http('GET', service.url + url, headers=mallory.headers)[0] == 404
+    owner = urllib.request.Request(service.url + url, headers=alice.headers)
+    with urllib.request.urlopen(owner, timeout=10) as response:
+        assert response.read().decode().startswith(sandbox_platform.url)
+    assert 'too often' in task['error_message']
+
+
+def test_expired_login_fails_fast_without_spending_retries(browser_service, sandbox_user, sandbox_platform, db):
+    service = browser_service()
+    alice = sandbox_user('alice')
+    sandbox_platform.faults(expire_sessions=True)
+    started = time.monotonic()
+    [task_id] = create(service, alice, batch(1, platform='sandbox'))
+
+    [task] = wait_until(lambda: all_finished(service, alice, [task_id]), timeout=60, message='the attempt')
+
+    assert task['status'] == 'failed' and task['retry_count'] == 0
+    assert '登录已失效' in task['error_message']
+    assert len(db.history(task_id)) == 1
+    assert time.monotonic() - started < 30
+    assert sandbox_platform.articles() == []
+
+
+def test_pacing_spaces_publishes_on_one_account_across_workers(browser_service, sandbox_user, sandbox_platform, db):
+    """Three tasks are claimed by different workers at once; unpaced they would publish
+    within a second or so of each other."""
+    service = browser_service(TOPN_PACING_SANDBOX=5)
+    alice = sandbox_user('alice')
+    task_ids = create(service, alice, batch(3, platform='sandbox'))
+
+    found = wait_until(lambda: all_finished(service, alice, task_ids), timeout=120, message='the paced batch')
+
+    assert [t['status'] for t in found] == ['success'] * 3
+    created = sorted(a['created_at'] for a in sandbox_platform.articles())
+    gaps = [(_seconds(b) - _seconds(a)) for a, b in zip(created, created[1:])]
+    assert all(gap >= 4.8 for gap in gaps), gaps
+    assert all(len(db.history(task_id)) == 1 for task_id in task_ids)
+
+
+def _seconds(iso):
+    import datetime
+    return datetime.datetime.fromisoformat(iso).timestamp()
