@@ -43,6 +43,7 @@ class Config:
     noop_fail_rate: float = 0.0
     max_drivers: int = 8
     driver_idle: float = 300.0
+    driver_reuse: int = 1
     driver_acquire_timeout: float = 30.0
     browser_cpu_busy: int = 85
     webdriver_url: str = ''

@@ -153,10 +153,11 @@ class Worker:
                 log.warning('task %s: evidence saved in %s but not recorded: %s', attempt.task_id, folder, error)
 
     def _hand_back_driver(self, attempt, clean):
-        """A driver whose task ended cleanly is wiped and pooled; any other is quit."""
+        """A driver whose task ended cleanly is wiped and pooled; any other is quit.
+        TOPN_DRIVER_REUSE=0 quits every driver (the benchmarks' fresh-browser baseline)."""
         if attempt.driver is None:
             return
-        if clean:
+        if clean and self.config.driver_reuse:
             self.driver_pool.release(attempt.driver)
         else:
             self.driver_pool.discard(attempt.driver)
