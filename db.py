@@ -14,9 +14,12 @@ clock that stamps a task.
 
 import contextlib
 import functools
+import itertools
 import json
 import pathlib
+import random
 import threading
+import time
 
 import pymysql
 import pymysql.cursors
@@ -25,6 +28,8 @@ SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
 UNFINISHED = ('pending', 'running', 'retry')
 FINISHED = ('success', 'failed', 'cancelled')
 CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
+CONFLICT_CODES = (1205, 1213)  # lock wait timeout, deadlock: the server rolled back, the connection lives
+CONFLICT_RETRIES = 3
 
 
 class DatabaseUnavailable(Exception):
@@ -38,15 +43,29 @@ class ConnectionLost(DatabaseUnavailable):
     running it again on a new connection is safe."""
 
 
+class TransactionConflict(DatabaseUnavailable):
+    """InnoDB chose this transaction as a deadlock victim (or its lock wait timed out)
+    and rolled it back; the connection is fine and running it again is safe."""
+
+
 def reconnects(method):
-    """Run a one-transaction method once more on a fresh connection when the old one
-    turns out to be dead (a MySQL restart or a killed connection looks like this)."""
+    """Run a one-transaction method again when MySQL rolled it back: once on a fresh
+    connection when the old one turns out to be dead (a MySQL restart or a killed
+    connection looks like this), a few times when it lost a deadlock."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except ConnectionLost:
-            return method(self, *args, **kwargs)
+        lost_connection = False
+        for conflicts in itertools.count():
+            try:
+                return method(self, *args, **kwargs)
+            except ConnectionLost:
+                if lost_connection:
+                    raise
+                lost_connection = True
+            except TransactionConflict:
+                if conflicts >= CONFLICT_RETRIES:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05) * (conflicts + 1))
     return wrapper
 
 
@@ -93,6 +112,13 @@ class Database:
                 yield cur
             committing = True
             conn.commit()
+        except pymysql.err.OperationalError as error:
+            if error.args and error.args[0] in CONFLICT_CODES:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    conn.rollback()
+                raise TransactionConflict(f'MySQL rolled the transaction back: {error}') from error
+            self.close()
+            raise (DatabaseUnavailable if committing else ConnectionLost)(f'MySQL failed: {error}') from error
         except CONNECTION_ERRORS as error:
             self.close()
             if committing:
@@ -395,10 +421,12 @@ class Database:
             cur.execute(
                 'INSERT INTO publish_history (task_id, attempt, worker_id, started_at) VALUES (%s, %s, %s, %s)',
                 (task_id, task['attempt'], worker_id, task['started_at']))
-            cur.execute(
-                "SELECT outcome, started_at FROM publish_history WHERE task_id = %s AND attempt < %s "
-                "ORDER BY attempt", (task_id, task['attempt']))
-            task['earlier_attempts'] = cur.fetchall()
+            task['earlier_attempts'] = []
+            if task['attempt'] > 1:
+                cur.execute(
+                    "SELECT outcome, started_at FROM publish_history WHERE task_id = %s AND attempt < %s "
+                    "ORDER BY attempt", (task_id, task['attempt']))
+                task['earlier_attempts'] = cur.fetchall()
             return task
 
     @reconnects
@@ -513,13 +541,17 @@ class Database:
             return cur.fetchall()
 
     @reconnects
-    def claimable_tasks(self, task_id=None):
-        """Tasks that should be in Redis (all, or just `task_id` if it is one):
-        task_id, user_id, priority, and due_in, the seconds until its backoff ends."""
+    def claimable_tasks(self, task_id=None, unchanged_for=0.0):
+        """Tasks that should be in Redis (all, or just `task_id` if it is one, or those whose
+        row has not changed for `unchanged_for` seconds): task_id, user_id, priority, and
+        due_in, the seconds until its backoff ends."""
         where, args = "status IN ('pending', 'retry')", []
         if task_id is not None:
             where += ' AND task_id = %s'
             args.append(task_id)
+        if unchanged_for:
+            where += ' AND updated_at < NOW(3) - INTERVAL %s MICROSECOND'
+            args.append(int(unchanged_for * 1e6))
         with self.transaction() as cur:
             cur.execute(
                 "SELECT task_id, user_id, priority, "

@@ -33,6 +33,7 @@ from publishers.base import UNKNOWN_OUTCOMES
 log = logging.getLogger('topn.scheduler')
 
 PRIORITIES = ('normal', 'urgent')
+RECONCILE_SETTLE = 5.0
 
 
 # -- errors the web layer maps to HTTP answers ---------------------------------------
@@ -426,7 +427,7 @@ class Scheduler:
                 log.warning('Redis has lost the dispatch queues (restart or flush); rebuilding them from MySQL')
             self.rebuild_queues()
         elif now - self._last_reconcile >= self.config.reconcile_interval:
-            self.rebuild_queues()
+            self.rebuild_queues(settled_only=True)
         self.promote_due_retries()
         return self.requeue_overdue_attempts()
 
@@ -453,14 +454,19 @@ class Scheduler:
                 log.warning('task %s attempt %s: %s; now %s', row['task_id'], row['attempt'], reason, status)
         return taken_back
 
-    def rebuild_queues(self):
+    def rebuild_queues(self, settled_only=False):
         """Queue every claimable task that Redis does not hold. Idempotent, and safe to run
-        while workers claim: a task queued twice is started only once (see `claim`)."""
+        while workers claim: a task queued twice is started only once (see `claim`).
+
+        Redis is read before MySQL, so a task popped meanwhile is not taken for missing.
+        The periodic pass (`settled_only`) also skips rows changed in the last few seconds,
+        which a worker may have popped and not yet started; a rebuild after Redis lost
+        its keys takes every row."""
         self._last_reconcile = time.monotonic()
-        rows = self.db.claimable_tasks()
-        vips = self.db.vip_user_ids() if rows else set()
-        present = self._ids_in_redis({row['user_id'] for row in rows})
+        present = self._ids_in_redis()
+        rows = self.db.claimable_tasks(unchanged_for=RECONCILE_SETTLE if settled_only else 0.0)
         missing = [row for row in rows if row['task_id'] not in present]
+        vips = self.db.vip_user_ids() if missing else set()
         ready = {}
         for row in missing:
             if row['due_in'] > 0:
@@ -470,15 +476,15 @@ class Scheduler:
         for (user_id, urgent), task_ids in ready.items():
             self.enqueue(user_id, task_ids, user_id in vips, urgent)
         self.redis.set(self.keys.epoch, str(time.time()))
-        added = len(missing)
-        if added:
-            log.warning('reconcile queued %d tasks that Redis did not hold', added)
-        return added
+        if missing:
+            log.warning('reconcile queued %d tasks that Redis did not hold', len(missing))
+        return len(missing)
 
-    def _ids_in_redis(self, user_ids):
+    def _ids_in_redis(self):
+        user_queues = list(self.redis.scan_iter(match=self.keys.queue_prefix + '*', count=1000))
         pipe = self.redis.pipeline(transaction=False)
-        for user_id in user_ids:
-            pipe.lrange(self.keys.queue(user_id), 0, -1)
+        for queue in user_queues:
+            pipe.lrange(queue, 0, -1)
         pipe.zrange(self.keys.delayed, 0, -1)
         *queues, delayed = pipe.execute()
         present = {task_id for queue in queues for task_id in queue}

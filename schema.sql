@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS publish_tasks (
     KEY ix_tasks_status (status),
     KEY ix_tasks_created (created_at),
     KEY ix_tasks_lease (status, lease_expires_at),
+    KEY ix_tasks_worker (worker_id, status),
     CONSTRAINT fk_tasks_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
