@@ -38,6 +38,7 @@ class Config:
     reaper_interval: float = 0.5
     reconcile_interval: float = 10.0
     shutdown_grace: float = 30.0
+    retention_days: float = 30.0
     vip_turns: int = 2
     noop_delay: float = 0.0
     noop_fail_rate: float = 0.0
@@ -106,7 +107,7 @@ class Config:
         _require(urlsplit(self.redis_url).scheme in ('redis', 'rediss', 'unix'), 'TOPN_REDIS_URL',
                  'must look like redis://HOST:PORT/DB')
         for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'user_rate_window',
-                     'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout'):
+                     'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout', 'retention_days'):
             _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')
         for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle'):
             _require(getattr(self, name) >= 0, 'TOPN_' + name.upper(), 'must be 0 or more')

@@ -559,6 +559,19 @@ class Database:
                 f"FROM publish_tasks WHERE {where} ORDER BY id", args)
             return cur.fetchall()
 
+    @reconnects
+    def delete_finished_before(self, days, limit=1000):
+        """Delete up to `limit` tasks that finished more than `days` ago, with their
+        attempts. Returns their ids (their evidence folders go too)."""
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT task_id FROM publish_tasks WHERE status IN %s AND completed_at < NOW(3) - INTERVAL %s SECOND '
+                'ORDER BY completed_at LIMIT %s', (FINISHED, int(days * 86400), limit))
+            task_ids = [row['task_id'] for row in cur.fetchall()]
+            if task_ids:
+                cur.execute('DELETE FROM publish_tasks WHERE task_id IN %s', (tuple(task_ids),))
+            return task_ids
+
     # -- figures for operators ---------------------------------------------------------
 
     @reconnects

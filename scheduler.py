@@ -19,9 +19,12 @@ path and may lose everything at any moment without losing a task:
   whenever Redis lost them (and every `reconcile_interval` as a safety net).
 """
 
+import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 import uuid
 
@@ -34,6 +37,7 @@ log = logging.getLogger('topn.scheduler')
 
 PRIORITIES = ('normal', 'urgent')
 RECONCILE_SETTLE = 5.0
+CLEANUP_INTERVAL = 600.0
 
 
 # -- errors the web layer maps to HTTP answers ---------------------------------------
@@ -80,7 +84,10 @@ class Keys:
         self.delayed = f'{prefix}:delayed'
         self.wakeup = f'{prefix}:wakeup'
         self.epoch = f'{prefix}:epoch'
+        self.pool_prefix = f'{prefix}:pool:'
 
+    def pool(self, worker_id):
+        return f'{self.pool_prefix}{worker_id}'
     def queue(self, user_id):
         return f'{self.queue_prefix}{user_id}'
 
@@ -172,6 +179,7 @@ class Scheduler:
         self._claim = redis_client.register_script(CLAIM_LUA)
         self._promote = redis_client.register_script(PROMOTE_LUA)
         self._last_reconcile = 0.0
+        self._last_cleanup = float('-inf')
 
     # -- admission ---------------------------------------------------------------
 
@@ -429,7 +437,19 @@ class Scheduler:
         elif now - self._last_reconcile >= self.config.reconcile_interval:
             self.rebuild_queues(settled_only=True)
         self.promote_due_retries()
+        if now - self._last_cleanup >= CLEANUP_INTERVAL:
+            self.delete_expired_tasks()
+            self._last_cleanup = now
         return self.requeue_overdue_attempts()
+
+    def delete_expired_tasks(self):
+        """Old finished tasks go after TOPN_RETENTION_DAYS, their evidence with them."""
+        task_ids = self.db.delete_finished_before(self.config.retention_days)
+        for task_id in task_ids:
+            shutil.rmtree(os.path.join(self.config.evidence_dir, task_id), ignore_errors=True)
+        if task_ids:
+            log.info('deleted %d tasks finished more than %g days ago', len(task_ids), self.config.retention_days)
+        return len(task_ids)
 
     def reap_and_log_errors(self):
         """A reaper pass for a loop that must keep going: MySQL or Redis being away is logged."""
@@ -501,3 +521,15 @@ class Scheduler:
 
     def waiting_retries(self):
         return self.redis.zcard(self.keys.delayed)
+
+    def report_pool(self, worker_id, stats, ttl):
+        """A worker's browser pool figures, kept in Redis for `ttl` seconds (a dead
+        worker's figures vanish on their own)."""
+        self.redis.set(self.keys.pool(worker_id), json.dumps(stats), ex=max(1, int(ttl)))
+
+    def pool_usage(self, max_drivers):
+        """Browsers on the machine: leased to a task, idle in a pool, and the cap."""
+        reports = [json.loads(raw) for raw in
+                   self.redis.mget(list(self.redis.scan_iter(match=self.keys.pool_prefix + '*'))) or [] if raw]
+        return {'leased': sum(r['leased'] for r in reports), 'idle': sum(r['idle'] for r in reports),
+                'max': max_drivers}

@@ -257,8 +257,10 @@ class Worker:
             try:
                 if self._driver_pool is not None:
                     self._driver_pool.quit_idle()
+                    self.scheduler.report_pool(self.worker_id, self._driver_pool.stats(),
+                                               ttl=self.config.heartbeat_interval * 3)
                 self.db.renew_leases(self.worker_id, self.config.lease_ttl)
-            except DatabaseUnavailable as error:
+            except (DatabaseUnavailable, redis.RedisError) as error:
                 log.warning('worker %s: heartbeat failed: %s', self.worker_id, error)
             except Exception:
                 log.exception('worker %s: heartbeat failed', self.worker_id)

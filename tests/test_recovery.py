@@ -124,3 +124,28 @@ def test_dropped_mysql_connections_are_reopened_and_every_task_finishes_once(
     assert kills > 0
     for task_id in task_ids:
         assert len(successful_attempts(db, task_id)) == 1
+
+
+def test_finished_tasks_past_the_retention_are_deleted_with_their_evidence(
+        scheduler, make_user, db, config, tmp_path):
+    import dataclasses
+    from publishers import load_publishers
+    from scheduler import Scheduler
+    keeping = Scheduler(dataclasses.replace(config, retention_days=1, state_dir=str(tmp_path)), db,
+                        scheduler.redis, load_publishers(config))
+    alice = make_user('alice')
+    old, recent, pending = keeping.submit_batch(alice.id, batch(3))
+    for task_id in (old, recent):
+        keeping.record_failure(keeping.claim('w'), 'boom', retryable=False)
+    evidence = tmp_path / 'evidence' / old / '1'
+    evidence.mkdir(parents=True)
+    (evidence / 'url.txt').write_text('x')
+    with db.transaction() as cur:
+        cur.execute('UPDATE publish_tasks SET completed_at = NOW(3) - INTERVAL 2 DAY WHERE task_id = %s', (old,))
+
+    assert keeping.delete_expired_tasks() == 1
+
+    assert db.task_for_user(alice.id, old) is None and not db.history(old)
+    assert not (tmp_path / 'evidence' / old).exists()
+    assert db.task_for_user(alice.id, recent)['status'] == 'failed'
+    assert db.task_for_user(alice.id, pending)['status'] == 'pending'
