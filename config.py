@@ -6,6 +6,7 @@ Defaults suit a single local box. Anything that reads configuration takes a
 
 import dataclasses
 import os
+import zoneinfo
 from urllib.parse import urlsplit, unquote
 
 
@@ -21,6 +22,12 @@ class Config:
     bind: str = '127.0.0.1:8080'
     web_threads: int = 8
     max_request_bytes: int = 16 * 1024 * 1024
+    session_ttl: float = 12 * 3600.0
+    session_cookie_secure: int = 0
+    login_failure_delay: float = 1.0
+    login_max_failures: int = 5
+    login_lockout: float = 900.0
+    display_timezone: str = 'Asia/Shanghai'
     workers: int = 4
     worker_slots: int = 2
     user_max_active: int = 10
@@ -107,12 +114,18 @@ class Config:
         _require(urlsplit(self.redis_url).scheme in ('redis', 'rediss', 'unix'), 'TOPN_REDIS_URL',
                  'must look like redis://HOST:PORT/DB')
         for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'user_rate_window',
-                     'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout', 'retention_days'):
+                     'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout', 'retention_days',
+                     'session_ttl', 'login_lockout'):
             _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')
-        for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle'):
+        for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle', 'login_failure_delay'):
             _require(getattr(self, name) >= 0, 'TOPN_' + name.upper(), 'must be 0 or more')
         _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
+        _require(self.login_max_failures >= 1, 'TOPN_LOGIN_MAX_FAILURES', 'must be 1 or more')
+        _require(self.session_cookie_secure in (0, 1), 'TOPN_SESSION_COOKIE_SECURE', 'must be 0 or 1')
+        _require(_is_timezone(self.display_timezone), 'TOPN_DISPLAY_TIMEZONE',
+                 'must be an IANA time zone name such as Asia/Shanghai or UTC')
         _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')
+        _require(self.driver_reuse in (0, 1), 'TOPN_DRIVER_REUSE', 'must be 0 or 1')
         _require(self.driver_idle > 0, 'TOPN_DRIVER_IDLE', 'must be more than 0')
         _require(0 < self.browser_cpu_busy <= 100, 'TOPN_BROWSER_CPU_BUSY', 'must be a percentage from 1 to 100')
         self.mysql
@@ -156,6 +169,14 @@ def _convert(name, raw, kind):
     except ValueError:
         raise ConfigError(f'{name}={raw!r} is not a number') from None
     return raw
+
+
+def _is_timezone(name):
+    try:
+        zoneinfo.ZoneInfo(name)
+        return True
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
 
 
 def _is_port(text):

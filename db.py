@@ -588,6 +588,67 @@ class Database:
             avg = cur.fetchone()['avg_seconds']
         return by_status, active_users, float(avg) if avg is not None else None
 
+    # -- web pages: sessions, the task table, recent failures ------------------------
+
+    @reconnects
+    def login_user(self, name):
+        """The user row a login checks, with its password hash (never shown anywhere)."""
+        with self.transaction() as cur:
+            cur.execute('SELECT id, name, password_hash, is_admin FROM users WHERE name = %s', (name,))
+            return cur.fetchone()
+
+    @reconnects
+    def create_session(self, user_id, session_hash, csrf_token, ttl):
+        """Open a session for `ttl` seconds; expired sessions of anyone are swept on the way."""
+        with self.transaction() as cur:
+            cur.execute('DELETE FROM web_sessions WHERE expires_at < NOW(3) LIMIT 1000')
+            cur.execute(
+                'INSERT INTO web_sessions (session_hash, user_id, csrf_token, expires_at) '
+                'VALUES (%s, %s, %s, NOW(3) + INTERVAL %s MICROSECOND)',
+                (session_hash, user_id, csrf_token, int(ttl * 1e6)))
+
+    @reconnects
+    def session_user(self, session_hash):
+        """The user of a live session, with the session's CSRF token; None when unknown or expired."""
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT u.id, u.name, u.is_admin, u.is_vip, s.csrf_token FROM web_sessions s '
+                'JOIN users u ON u.id = s.user_id WHERE s.session_hash = %s AND s.expires_at > NOW(3)',
+                (session_hash,))
+            return cur.fetchone()
+
+    @reconnects
+    def delete_session(self, session_hash):
+        with self.transaction() as cur:
+            cur.execute('DELETE FROM web_sessions WHERE session_hash = %s', (session_hash,))
+
+    @reconnects
+    def task_table(self, user_id, status=None, offset=0, limit=20):
+        """One page of a user's tasks, newest first, and how many the user has in each
+        status (the filter counts, the page count, and whether anything is unfinished)."""
+        where, args = 'user_id = %s', [user_id]
+        if status:
+            where += ' AND status = %s'
+            args.append(status)
+        with self.transaction() as cur:
+            cur.execute('SELECT status, COUNT(*) AS n FROM publish_tasks WHERE user_id = %s GROUP BY status',
+                        (user_id,))
+            counts = {row['status']: row['n'] for row in cur.fetchall()}
+            cur.execute(
+                f'SELECT {TASK_COLUMNS}, attempt, cancel_requested FROM publish_tasks WHERE {where} '
+                'ORDER BY id DESC LIMIT %s OFFSET %s', args + [limit, offset])
+            return cur.fetchall(), counts
+
+    @reconnects
+    def recent_failures(self, limit=10):
+        """The tasks of any user that failed or wait for a retry, most recently changed first."""
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT t.task_id, t.article_title, t.platform, t.status, t.error_message, t.retry_count, '
+                't.updated_at, u.name AS user_name FROM publish_tasks t JOIN users u ON u.id = t.user_id '
+                "WHERE t.status IN ('failed', 'retry') ORDER BY t.updated_at DESC LIMIT %s", (limit,))
+            return cur.fetchall()
+
 
 TASK_COLUMNS = (
     'task_id, user_id, article_id, article_title, platform, priority, status, progress, result_url, '

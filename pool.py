@@ -57,7 +57,7 @@ QUIT_TIMEOUT = 5.0
 WIPE_TIMEOUT = 15.0
 PROCESS_EXIT_TIMEOUT = 5.0
 LEASE_POLL = 0.25
-ADMISSION_POLL = 0.1
+ADMISSION_POLL = 0.25
 
 _driver_numbers = itertools.count()
 
@@ -150,10 +150,9 @@ class SharedLeases:
         return sum(self._held.values())
 
     def begin_work(self, pid):
-        """Count one more driver handed out by `pid`; returns the machine-wide count including it."""
+        """Count one more driver handed out by `pid`."""
         with self._lock:
             self._working[pid] = self._working.get(pid, 0) + 1
-        return self.working()
 
     def end_work(self, pid):
         with self._lock:
@@ -275,24 +274,21 @@ class DriverPool:
     def _admit(self, timeout, deadline):
         """The cap is a ceiling, not a target. On 2 cores eight browsers working at once
         publish slower than four (browsers.md: 1.14 vs 1.69 tasks/s), so a driver is handed
-        out only while the machine's CPU is at most `cpu_busy_percent` busy, except that up to
-        `cpus` drivers working machine-wide are always admitted, so work always progresses
-        whatever else loads the machine. A caller counts itself in before it looks, and
-        backs out to wait, so racing workers cannot overshoot that floor together."""
+        out only while the machine's CPU is at most `cpu_busy_percent` busy, except that
+        while fewer than `cpus` drivers work machine-wide one is always admitted, so work
+        always progresses whatever else loads the machine. Racing callers may overshoot
+        that floor by a driver or two; it is a minimum, not a cap. A waiting caller costs
+        one manager round trip per poll: the manager is shared by every worker."""
         while True:
-            working = self._leases.begin_work(self.pid)
-            try:
-                busy = None if working <= self._cpus else self._cpu_sampler()
-            except BaseException:
-                self._leases.end_work(self.pid)
-                raise
+            working = self._leases.working()
+            busy = None if working < self._cpus else self._cpu_sampler()
             if busy is None or busy <= self.cpu_busy_percent:
+                self._leases.begin_work(self.pid)
                 return
-            self._leases.end_work(self.pid)
             if self._clock() >= deadline:
                 raise PoolTimeout(
                     f'CPU busy for {timeout:g} s: {busy:.0f}% > {self.cpu_busy_percent}% with '
-                    f'{working - 1} drivers already working on this machine ({self._cpus} are always admitted)')
+                    f'{working} drivers already working on this machine ({self._cpus} are always admitted)')
             time.sleep(min(ADMISSION_POLL, max(0.0, deadline - self._clock())))
             self._check_usable()
 

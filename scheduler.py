@@ -85,6 +85,7 @@ class Keys:
         self.wakeup = f'{prefix}:wakeup'
         self.epoch = f'{prefix}:epoch'
         self.pool_prefix = f'{prefix}:pool:'
+        self.login_failures_prefix = f'{prefix}:login:failures:'
 
     def pool(self, worker_id):
         return f'{self.pool_prefix}{worker_id}'

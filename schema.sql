@@ -99,3 +99,18 @@ CREATE TABLE IF NOT EXISTS platform_accounts (
     UNIQUE KEY uq_accounts_user_platform (user_id, platform),
     CONSTRAINT fk_accounts_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- One row per logged-in browser. The cookie holds a random token; only its SHA-256 is
+-- stored, so a leaked database gives no usable session. `csrf_token` is sent back with
+-- every state-changing request from the page (a form field or the X-CSRF-Token header).
+CREATE TABLE IF NOT EXISTS web_sessions (
+    id           BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    session_hash CHAR(64)     NOT NULL,
+    user_id      BIGINT UNSIGNED NOT NULL,
+    csrf_token   VARCHAR(64)  NOT NULL,
+    created_at   DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    expires_at   DATETIME(3)  NOT NULL,
+    UNIQUE KEY uq_sessions_hash (session_hash),
+    KEY ix_sessions_expires (expires_at),
+    CONSTRAINT fk_sessions_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

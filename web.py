@@ -1,8 +1,11 @@
-"""The Bottle app: the JSON API for scripts (and, later, the pages people use).
+"""The Bottle app: the JSON API for scripts, and `make_app`, which also mounts the pages
+people use (pages.py).
 
-Errors are mapped to HTTP answers in one place (`json_errors`): a `Refused` carries its
-own status and stable code, MySQL or Redis being away is a 503, anything else a 500
-whose details stay in the server log.
+The API takes a Bearer token, or the session cookie of a logged-in page (then a POST
+must carry the session's CSRF token in the X-CSRF-Token header), so the page needs no
+other credential. Errors are mapped to HTTP answers in one place (`json_errors`): a
+`Refused` carries its own status and stable code, MySQL or Redis being away is a 503,
+anything else a 500 whose details stay in the server log.
 """
 
 import datetime
@@ -24,6 +27,8 @@ TASK_STATUSES = ('pending', 'running', 'success', 'failed', 'retry', 'cancelled'
 MAX_STATUS_IDS = 200
 MAX_PAGE_SIZE = 100
 MAX_PAGE = 1_000_000
+SAFE_METHODS = ('GET', 'HEAD')
+PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
 
 
 class Unauthorized(Refused):
@@ -39,6 +44,9 @@ class BodyTooLarge(Refused):
 
 
 def make_app(config, db, scheduler):
+    """The whole web app: the JSON API here, the pages from pages.py."""
+    import pages  # pages.py builds on this module's helpers, so it is imported once both exist
+
     app = bottle.Bottle()
     api = Api(config, db, scheduler)
     routes = [
@@ -50,13 +58,40 @@ def make_app(config, db, scheduler):
         ('GET', '/api/publish/tasks/<task_id:re:[0-9a-f-]{36}>', api.task_detail),
         ('GET', '/api/publish/tasks/<task_id:re:[0-9a-f-]{36}>/evidence/<attempt:int>/<name>', api.evidence_file),
         ('GET', '/api/metrics', api.metrics),
+        ('GET', '/metrics', api.prometheus_metrics),
         ('GET', '/healthz', api.health),
     ]
     for method, path, handler in routes:
         app.route(path, method, json_errors(handler))
+    site = pages.Pages(config, db, scheduler)
+    site.mount(app)
+
+    def bottle_error(error):
+        """Bottle's own errors (no such route, wrong method): JSON for the API and for
+        clients that do not ask for HTML, a small page for browsers."""
+        if bottle.request.path.startswith('/api/') or 'text/html' not in bottle.request.get_header('Accept', ''):
+            return bottle_error_as_json(error)
+        return site.bottle_error_page(error)
+
     for status in (400, 404, 405, 413, 500):
-        app.error(status)(bottle_error_as_json)
+        app.error(status)(bottle_error)
+    app.add_hook('after_request', add_security_headers)
     return app
+
+
+def add_security_headers():
+    """Every answer: no sniffing, no framing, no caching of anyone's data (static files
+    set their own caching), and a content policy that allows only our own scripts and styles."""
+    response = bottle.response
+    response.set_header('X-Content-Type-Options', 'nosniff')
+    response.set_header('Referrer-Policy', 'same-origin')
+    response.set_header('X-Frame-Options', 'DENY')
+    if 'Content-Security-Policy' not in response.headers:
+        response.set_header('Content-Security-Policy',
+                            "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                            "form-action 'self'; frame-ancestors 'none'")
+    if 'Cache-Control' not in response.headers:
+        response.set_header('Cache-Control', 'no-store')
 
 
 def json_errors(handler):
@@ -163,7 +198,16 @@ class Api:
     # -- request helpers -----------------------------------------------------------
 
     def current_user(self):
-        header = bottle.request.get_header('Authorization', '')
+        """The user of the Bearer token; without an Authorization header, the user of the
+        session cookie (a POST must then carry the session's CSRF token)."""
+        header = bottle.request.get_header('Authorization')
+        if header is None:
+            user = auth.session_user(self.db, bottle.request.get_cookie(auth.SESSION_COOKIE))
+            if user is not None:
+                if bottle.request.method not in SAFE_METHODS:
+                    require_csrf(user, bottle.request.get_header(auth.CSRF_HEADER))
+                return user
+            header = ''
         scheme, _, token = header.partition(' ')
         if scheme.lower() != 'bearer' or not token.strip():
             raise Unauthorized('unauthorized', 'send your API token as "Authorization: Bearer <token>"')
@@ -216,10 +260,10 @@ class Api:
         status = query.get('status') or None
         if status is not None and status not in TASK_STATUSES:
             raise InvalidRequest('invalid_status', f'status must be one of {", ".join(TASK_STATUSES)}')
-        page = _positive_int(query.get('page'), 'page', default=1)
+        page = positive_int(query.get('page'), 'page', default=1)
         if page > MAX_PAGE:
             raise InvalidRequest('invalid_page', f'page must be at most {MAX_PAGE}')
-        limit = _positive_int(query.get('limit'), 'limit', default=20)
+        limit = positive_int(query.get('limit'), 'limit', default=20)
         if limit > MAX_PAGE_SIZE:
             raise InvalidRequest('invalid_limit', f'limit must be at most {MAX_PAGE_SIZE}')
         rows, total = self.db.list_tasks(user['id'], status, (page - 1) * limit, limit)
@@ -243,6 +287,9 @@ class Api:
         response = bottle.static_file(name, root=os.path.abspath(folder))
         if response.status_code == 404:
             raise NotFound('evidence_not_found', 'no such evidence')
+        # A platform's page, saved as it was: shown in a sandbox without scripts or our origin.
+        response.set_header('Content-Security-Policy', 'sandbox')
+        response.set_header('Cache-Control', 'private, no-store')
         return response
 
     def cancel(self):
@@ -261,11 +308,20 @@ class Api:
         self.scheduler.retry(user['id'], task_id)
         return json_ok(task_id=task_id, status='pending', message='task queued again')
 
-    def metrics(self):
+    def admin_user(self):
         user = self.current_user()
         if not user['is_admin']:
             raise Forbidden('forbidden', 'metrics are for admin users')
+        return user
+
+    def metrics(self):
+        self.admin_user()
         return json_ok(**collect_metrics(self.db, self.scheduler))
+
+    def prometheus_metrics(self):
+        self.admin_user()
+        bottle.response.content_type = PROMETHEUS_CONTENT_TYPE
+        return prometheus_text(collect_metrics(self.db, self.scheduler))
 
     def health(self):
         checks = {}
@@ -295,10 +351,49 @@ def collect_metrics(db, scheduler):
         'waiting_retries': scheduler.waiting_retries(),
         'success_rate': round(by_status.get('success', 0) / finished, 4) if finished else None,
         'avg_task_seconds': round(avg_seconds, 3) if avg_seconds is not None else None,
+        'browser_pool': scheduler.pool_usage(scheduler.config.max_drivers),
     }
 
 
-def _positive_int(raw, name, default):
+def prometheus_text(metrics):
+    """`collect_metrics` in the Prometheus text exposition format (all gauges)."""
+    lines = []
+
+    def gauge(name, help_text, samples):
+        lines.extend((f'# HELP topn_{name} {help_text}', f'# TYPE topn_{name} gauge'))
+        for labels, value in samples:
+            if value is None:
+                continue
+            label_text = ','.join(f'{key}="{_prometheus_label(text)}"' for key, text in labels.items())
+            lines.append(f'topn_{name}{{{label_text}}} {value}' if label_text else f'topn_{name} {value}')
+
+    gauge('active_users', 'Users with unfinished tasks.', [({}, metrics['active_users'])])
+    gauge('tasks', 'Tasks by status.', [({'status': status}, n) for status, n in metrics['tasks_by_status'].items()])
+    gauge('running_tasks', 'Tasks being published now.', [({}, metrics['running_tasks'])])
+    gauge('queue_length', 'Task ids queued in Redis, per user.',
+          [({'user': user}, n) for user, n in sorted(metrics['queue_length_per_user'].items())])
+    gauge('waiting_retries', 'Tasks waiting out a retry backoff.', [({}, metrics['waiting_retries'])])
+    gauge('success_ratio', 'Published tasks among finished ones (success or failed).', [({}, metrics['success_rate'])])
+    gauge('task_seconds_avg', 'Average time of a published task, start to finish.',
+          [({}, metrics['avg_task_seconds'])])
+    pool = metrics['browser_pool']
+    gauge('browsers', 'Headless browsers on the machine, by state.',
+          [({'state': 'leased'}, pool['leased']), ({'state': 'idle'}, pool['idle'])])
+    gauge('browsers_max', 'The cap on live browsers (TOPN_MAX_DRIVERS).', [({}, pool['max'])])
+    return '\n'.join(lines) + '\n'
+
+
+def _prometheus_label(text):
+    return str(text).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def require_csrf(user, given):
+    if not auth.csrf_matches(user['csrf_token'], given):
+        raise Forbidden('csrf_failed', f'send the CSRF token of your session in the {auth.CSRF_HEADER} header '
+                                       'or the csrf_token field')
+
+
+def positive_int(raw, name, default):
     if raw in (None, ''):
         return default
     try:

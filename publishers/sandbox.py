@@ -42,6 +42,12 @@ REFUSALS = {
 # How far apart the platform's clock and MySQL's may be when matching an earlier publish.
 CLOCK_SLACK = datetime.timedelta(seconds=120)
 
+# Read in the page in one step, so a navigation in between cannot leave a stale element.
+SHOWN_ERROR_JS = """
+const error = document.querySelector(arguments[0]);
+if (!error || error.hidden || !error.textContent.trim()) return null;
+return [error.dataset.code || '', error.textContent.trim()];
+"""
 FILL_JS = """
 const [title, editor, html] = arguments;
 title.focus();
@@ -118,12 +124,14 @@ class SandboxPublisher(Publisher):
         """The article URL once the platform shows the article; else why not. A failure
         after the click may still have published (a lost response), so look first."""
         def settled():
-            if ARTICLE_URL.search(driver.current_url):
-                return ('published', driver.current_url)
-            error = self._find(driver, 'error')
-            if error is not None and error.is_displayed() and error.text.strip():
-                return ('refused', error.get_attribute('data-code') or '', error.text.strip())
-            return None
+            try:
+                if ARTICLE_URL.search(driver.current_url):
+                    return ('published', driver.current_url)
+                shown = driver.execute_script(SHOWN_ERROR_JS, SELECTORS['error'][0])
+            except WebDriverException:
+                driver.current_url  # raises again when the browser itself is gone
+                return None  # the page was navigating to the article: look again
+            return ('refused', *shown) if shown else None
 
         outcome = wait_for(settled, min(60.0, attempt.seconds_left), 'the platform to answer the publish')
         if outcome[0] == 'published':

@@ -93,7 +93,8 @@ def truncate_tables(database_name):
     try:
         with conn.cursor() as cur:
             cur.execute('SET FOREIGN_KEY_CHECKS = 0')
-            for table in ('publish_history', 'publish_tasks', 'articles', 'users'):
+            for table in ('publish_history', 'publish_tasks', 'articles', 'platform_accounts', 'web_sessions',
+                          'users'):
                 cur.execute(f'TRUNCATE TABLE {table}')
             cur.execute('SET FOREIGN_KEY_CHECKS = 1')
         conn.commit()
@@ -341,3 +342,6 @@ def run_worker(config, scheduler):
         for thread in worker.threads:
             thread.join(5)
         worker.exited.set()
+
+
+# -- the web pages ---------------------------------------------------------------------------

@@ -949,7 +949,7 @@ def test_body_over_max_request_bytes_answers_413_body_too_large_and_creates_noth
 
 
 @pytest.mark.parametrize('method, path', [('GET', '/nope'), ('GET', '/api/nope'), ('POST', '/api/publish/create'),
-                                          ('GET', '/api/publish/tasks/a/b'), ('GET', '/')])
+                                          ('GET', '/api/publish/tasks/a/b')])
 def test_unknown_route_answers_json_404_not_found(client, make_user, method, path):
     alice = make_user('alice')
 

@@ -1,0 +1,175 @@
+"""The page end to end: real headless Chromium on `topn.py serve` (waitress, the supervisor
+and its workers, their own headless browsers) publishing to the sandbox platform.
+
+A person logs in through the form, reads two Markdown files into the batch form, types a
+third article, publishes, cancels the article that is still waiting, and watches the
+other two go from pending through running to published with their links, without a page
+reload; once nothing is unfinished the table stops asking the server."""
+
+import dataclasses
+import time
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.common.by import By
+
+from accounts import AccountStore
+from conftest import wait_until
+from publishers import load_publishers
+from test_browser_service import SECRET, Sandbox
+
+PUBLISH_LATENCY_MS = 3000
+PACING = 5
+QUIET_SECONDS = 5
+
+# Counts the table's requests and records every status each row shows, in the page itself:
+# a reload would wipe all of it, marker included.
+INSTRUMENT_JS = """
+window.__topnMarker = 'same-page';
+window.__fragmentRequests = [];
+window.__seen = {};
+document.body.addEventListener('htmx:beforeRequest', (event) => {
+  if (event.detail.pathInfo.requestPath.startsWith('/fragments/tasks')) window.__fragmentRequests.push(Date.now());
+});
+const record = () => document.querySelectorAll('tr[data-task-id]').forEach((row) => {
+  const seen = window.__seen[row.dataset.taskId] = window.__seen[row.dataset.taskId] || [];
+  if (seen[seen.length - 1] !== row.dataset.status) seen.push(row.dataset.status);
+});
+new MutationObserver(record).observe(document.body, {childList: true, subtree: true, attributes: true});
+record();
+"""
+
+
+@pytest.fixture(scope='module')
+def platform():
+    served = Sandbox()
+    yield served
+    served.server.close()
+
+
+@pytest.fixture
+def chrome(tmp_path, monkeypatch):
+    monkeypatch.setenv('SE_OFFLINE', 'true')
+    options = webdriver.ChromeOptions()
+    options.binary_location = '/usr/bin/chromium'
+    for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+                 '--window-size=1280,1000', f'--user-data-dir={tmp_path / "chrome-profile"}'):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service('/usr/bin/chromedriver'), options=options)
+    yield driver
+    driver.quit()
+
+
+ROWS_JS = """
+return [...document.querySelectorAll('#tasks tr[data-task-id]')].map((row) => [
+  row.querySelector('td.title').textContent.trim(), row.dataset.taskId, row.dataset.status,
+  (row.querySelector('a.article-link') || {}).href || null]);
+"""
+
+
+@dataclasses.dataclass
+class Row:
+    task_id: str
+    status: str
+    link: str
+
+
+def rows(driver):
+    """{title: Row} of the table as the browser shows it now (read in one go: the table is
+    replaced every two seconds)."""
+    return {title: Row(task_id, status, link) for title, task_id, status, link in driver.execute_script(ROWS_JS)}
+
+
+def click(driver, selector):
+    """Click, unless the element was just swapped out; then the caller looks again."""
+    try:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    except (StaleElementReferenceException, NoSuchElementException):
+        return False
+
+
+def stays(condition, seconds, interval=0.2):
+    """True when `condition` holds at every look for `seconds` (it is an observation, not a wait)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(interval)
+    return condition()
+
+
+def in_order(seen, expected):
+    """`expected` appears in `seen` in this order (other statuses may come between)."""
+    remaining = iter(seen)
+    return all(status in remaining for status in expected)
+
+
+def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
+        start_service, platform, chrome, make_user, db, config, tmp_path):
+    platform.call('POST', '/api/reset')
+    platform.faults(publish_latency_ms=PUBLISH_LATENCY_MS)
+    alice = make_user('alice')
+    AccountStore(db, SECRET).save(alice.id, load_publishers(config)['sandbox'], platform.session_for('alice'))
+    service = start_service(TOPN_SANDBOX_URL=platform.url, TOPN_SECRET_KEY=SECRET,
+                            TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'),
+                            TOPN_PACING_SANDBOX=PACING, TOPN_WORKERS=2)
+    files = []
+    for name, text in (('春天.md', '# 春天来了\n\n草长莺飞，**万物复苏**。\n'), ('notes.txt', '没有标题的一篇笔记。\n')):
+        path = tmp_path / name
+        path.write_text(text, encoding='utf-8')
+        files.append(str(path))
+
+    chrome.get(service.url + '/')
+    assert chrome.current_url.endswith('/login')
+    chrome.find_element(By.NAME, 'username').send_keys('alice')
+    chrome.find_element(By.NAME, 'password').send_keys('secret')
+    chrome.find_element(By.CSS_SELECTOR, 'form[action="/login"] button[type=submit]').click()
+    wait_until(lambda: chrome.find_elements(By.ID, 'batch-form'), timeout=10, message='the page after logging in')
+    chrome.execute_script(INSTRUMENT_JS)
+
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form input[type=file]').send_keys('\n'.join(files))
+    wait_until(lambda: [e.get_attribute('value') for e in chrome.find_elements(By.NAME, 'title')] == ['春天来了', 'notes'],
+               timeout=10, message='the files read into the form')
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form button[value=add]').click()
+    wait_until(lambda: len(chrome.find_elements(By.NAME, 'title')) == 3, timeout=10, message='a third article')
+    chrome.find_elements(By.NAME, 'title')[2].send_keys('手写的第三篇')
+    chrome.find_elements(By.NAME, 'content')[2].send_keys('这一篇会被取消。')
+    assert [o.get_attribute('value') for o in chrome.find_elements(By.CSS_SELECTOR, 'select[name=platform] option')] \
+        == ['sandbox']
+    # The account published a moment ago: its next publish slot opens in 4 s, so all three
+    # tasks wait as pending first (pacing defers them without holding a browser).
+    with db.transaction() as cur:
+        cur.execute('UPDATE platform_accounts SET next_publish_at = NOW(3) + INTERVAL 4 SECOND WHERE user_id = %s',
+                    (alice.id,))
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
+
+    wait_until(lambda: '已提交 3 篇文章' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
+               message='the form to confirm the batch')
+    wait_until(lambda: len(rows(chrome)) == 3, timeout=10, message='three rows in the table')
+    waiting = rows(chrome)['手写的第三篇']
+    assert waiting.status == 'pending'
+    wait_until(lambda: click(chrome, f'tr[data-task-id="{waiting.task_id}"] .row-actions button'), timeout=10,
+               message='the cancel button')
+    wait_until(lambda: rows(chrome)['手写的第三篇'].status == 'cancelled', timeout=10, message='the cancelled row')
+
+    wait_until(lambda: [rows(chrome)[title].status for title in ('春天来了', 'notes')] == ['success', 'success'],
+               timeout=120, message='both articles published')
+    final = rows(chrome)
+    published = {article['title']: article['url'] for article in platform.articles()}
+    assert published == {title: final[title].link for title in ('春天来了', 'notes')}
+    seen = chrome.execute_script('return window.__seen')
+    for title in ('春天来了', 'notes'):
+        assert in_order(seen[final[title].task_id], ['pending', 'running', 'success']), seen
+    assert seen[waiting.task_id] == ['pending', 'cancelled']
+    assert chrome.execute_script('return window.__topnMarker') == 'same-page'
+
+    wait_until(lambda: chrome.find_element(By.ID, 'tasks').get_attribute('data-polling') == 'off', timeout=10,
+               message='the table to stop polling')
+    assert 'every' not in chrome.find_element(By.ID, 'tasks').get_attribute('hx-trigger')
+    requests = chrome.execute_script('return window.__fragmentRequests.length')
+    assert stays(lambda: chrome.execute_script('return window.__fragmentRequests.length') == requests, QUIET_SECONDS)
+    assert requests >= 4
+    assert chrome.execute_script('return window.__topnMarker') == 'same-page'
