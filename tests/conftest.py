@@ -160,6 +160,26 @@ def batch(n, platform='noop', prefix='article', **extra):
     return {'platform': platform, 'articles': articles(n, prefix), **extra}
 
 
+# -- a browser of the test's own -----------------------------------------------------------
+
+@pytest.fixture
+def headless_browser(monkeypatch):
+    """Headless Chromium for this test alone, with the pool's flags; Selenium Manager never runs."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from pool import CHROMEDRIVER, CHROMIUM, browser_options
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not pathlib.Path(binary).exists():
+            pytest.fail(f'{binary} is missing: install it with `apt-get install chromium chromium-driver` '
+                        '(./dev test does)', pytrace=False)
+    monkeypatch.setenv('SE_OFFLINE', 'true')
+    options = browser_options()
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
 # -- the web app in-process ------------------------------------------------------------------
 
 class WsgiClient:

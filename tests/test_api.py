@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import WsgiClient, articles, batch, free_port
+from conftest import WsgiClient, batch, free_port
 from db import Database
 from publishers import load_publishers
 from scheduler import Keys, Scheduler, connect_redis

@@ -433,7 +433,7 @@ def test_batch_refused_by_the_active_limit_keeps_the_articles_and_says_why(brows
 
 
 def test_platform_select_lists_only_platforms_with_a_stored_login(site, make_user, db, config):
-    alice, bob = make_user('alice'), make_user('bob')
+    alice, _bob = make_user('alice'), make_user('bob')
     store_login(db, config, alice)
     alice_browser, bob_browser = site(), site()
     alice_browser.log_in('alice')
@@ -617,7 +617,7 @@ def test_task_table_filters_by_status_and_pages(site, make_user, scheduler):
 
 def test_another_users_task_cannot_be_seen_cancelled_retried_or_its_evidence_fetched(
         site, make_user, scheduler, db, config, tmp_path):
-    alice, bob = make_user('alice'), make_user('bob')
+    alice, _bob = make_user('alice'), make_user('bob')
     pending, failed = scheduler.submit_batch(alice.id, batch(2))
     fail_with_evidence(db, config, failed, tmp_path / 'state')
     alice_browser, bob_browser = site(), site()

@@ -9,30 +9,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import waitress
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from sandbox import make_app
 from sandbox.markup import sanitize_html
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMEDRIVER = '/usr/bin/chromedriver'
-CHROME_FLAGS = [
-    '--headless=new',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-dev-shm-usage',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--no-first-run',
-]
 BROWSER_WAIT_SECONDS = 15
 
 PASTE_HTML_INTO_EDITOR = """
@@ -72,21 +57,8 @@ def sandbox(sandbox_server):
 
 
 @pytest.fixture
-def browser(monkeypatch):
-    """Headless Chromium that never lets Selenium Manager reach the network."""
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not Path(binary).exists():
-            pytest.fail(f'{binary} is missing: install it with `apt-get install chromium chromium-driver`')
-    monkeypatch.setenv('SE_OFFLINE', 'true')
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def browser(headless_browser):
+    return headless_browser
 
 
 def call(base, method, path, payload=None, cookies=None):

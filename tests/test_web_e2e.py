@@ -10,8 +10,6 @@ import dataclasses
 import time
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
@@ -50,16 +48,8 @@ def platform():
 
 
 @pytest.fixture
-def chrome(tmp_path, monkeypatch):
-    monkeypatch.setenv('SE_OFFLINE', 'true')
-    options = webdriver.ChromeOptions()
-    options.binary_location = '/usr/bin/chromium'
-    for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-                 '--window-size=1280,1000', f'--user-data-dir={tmp_path / "chrome-profile"}'):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service('/usr/bin/chromedriver'), options=options)
-    yield driver
-    driver.quit()
+def chrome(headless_browser):
+    return headless_browser
 
 
 ROWS_JS = """

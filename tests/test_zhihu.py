@@ -10,12 +10,9 @@ import dataclasses
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import waitress
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 
 import config
 from publishers.base import Attempt, LoginExpired, PublishError
@@ -23,11 +20,6 @@ from publishers.zhihu import ZhihuPublisher, zhihu_html
 from publishers.content import render_markdown
 from zhihu_standin import ZhihuStandIn
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMEDRIVER = '/usr/bin/chromedriver'
-CHROME_FLAGS = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
-                '--disable-background-networking', '--disable-component-update', '--disable-sync',
-                '--no-first-run']
 ZHUANLAN_HOST = 'zhuanlan.zhihu.localhost'
 WWW_HOST = 'www.zhihu.localhost'
 
@@ -80,21 +72,8 @@ def publisher(standin_server):
 
 
 @pytest.fixture
-def driver(monkeypatch):
-    """Headless Chromium of this test alone; Selenium Manager never runs."""
-    for binary in (CHROMIUM, CHROMEDRIVER):
-        if not Path(binary).exists():
-            pytest.fail(f'{binary} is missing: install it with `apt-get install chromium chromium-driver`')
-    monkeypatch.setenv('SE_OFFLINE', 'true')
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield browser
-    finally:
-        browser.quit()
+def driver(headless_browser):
+    return headless_browser
 
 
 @dataclasses.dataclass
