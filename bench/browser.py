@@ -1,0 +1,911 @@
+"""Browser benchmark: how fast TOP_N publishes through real headless Chromium, how close that
+comes to what this machine can do, what keeping browsers warm is worth, and the memory it takes.
+
+    .venv/bin/python bench/browser.py --runs 3
+    .venv/bin/python bench/browser.py --runs 1 --users 2 --per-user 3 --skip-baseline
+
+Workload: `--users` users (10) each send one batch of `--per-user` articles (10) to the sandbox
+platform, all at once, through the JSON API (`POST /api/publish/create_batch`), with 8 browsers
+(TOPN_MAX_DRIVERS=8, 4 workers x 2 slots) and the sandbox answering each publish after 500 ms
+(`publish_latency_ms`). Every run does, each phase on a fresh service and a fresh sandbox:
+
+1. main (TOPN_DRIVER_REUSE=1). The workload starts with no browser running, so browser
+   start-up is part of it. `wall_seconds` is max(completed_at) - min(created_at) of its tasks
+   (server clock); the sandbox's /api/articles must then hold every title exactly once. Memory
+   is sampled every 0.5 s meanwhile. Then, with the browsers warm, single tasks one at a time:
+   their median time alone and CPU-seconds (utime+stime over the service, its browsers, the
+   sandbox, mysqld and redis-server, from just before the submit to just after completion)
+   give the machine's limit for the workload:
+       limit_seconds = max(tasks / drivers * warm_task_seconds, tasks * warm_task_cpu_seconds / nproc)
+2. baseline (TOPN_DRIVER_REUSE=0, unless --skip-baseline): the same workload, a fresh browser
+   per task; speedup_vs_fresh_browser = its wall / the main wall.
+
+The service is started as bench/pipeline.py starts it (its `Service` and `Client` are used as
+they are): `topn.py serve` on a free loopback port with a throwaway MySQL database and Redis
+key prefix, plus temp TOPN_STATE_DIR and TOPN_BROWSER_ROOT, users from `topn.py adduser`,
+sandbox logins stored with `topn.py account set`. Afterwards the service is stopped (SIGTERM,
+then SIGKILL), the sandbox too, the database dropped, the keys deleted, and the processes
+still carrying the browser marker are counted (`leftover_browser_processes`) and killed.
+Single tasks are watched by reading their row from MySQL (cheaper than the API, so the
+measurement adds little CPU); everything else goes through the API.
+
+Prints one JSON object to stdout (per-run figures, medians, settings, machine facts, and a
+note on what each figure means); progress goes to stderr; service and sandbox logs stay in a
+temp directory. TOPN_* variables in the environment are passed on to the service, except the
+ones the benchmark must set itself.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import pymysql
+
+from pipeline import MYSQL, Client, Service, code_under_test, free_port, log, machine_facts, percentile, timestamp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SERVICE_DEFAULTS = {'TOPN_WORKERS': '4', 'TOPN_WORKER_SLOTS': '2', 'TOPN_MAX_DRIVERS': '8',
+                    'TOPN_LOG_LEVEL': 'WARNING', 'TOPN_PACING_SANDBOX': '0'}
+SET_BY_BENCHMARK = ('TOPN_MYSQL_URL', 'TOPN_REDIS_URL', 'TOPN_REDIS_PREFIX', 'TOPN_BIND', 'TOPN_DRIVER_REUSE',
+                    'TOPN_SANDBOX_URL', 'TOPN_SANDBOX_BIND', 'TOPN_BROWSER_ROOT', 'TOPN_STATE_DIR',
+                    'TOPN_SECRET_KEY')
+PUBLISH_LATENCY_MS = 500
+WARM_PROBES = 5
+PROBE_POLL = 0.025
+PROBE_TIMEOUT = 120.0
+IDLE_MEASURE_SECONDS = 2.0
+AFTER_COMPLETION_SECONDS = 1.0
+SAMPLE_INTERVAL = 0.5
+PSS_MAX_AGE = 5.0
+PSS_REREAD_RSS_KB = 2048
+PSS_REREAD_RSS_FRACTION = 0.02
+STATUS_POLL = 0.5
+SANDBOX_START_TIMEOUT = 15.0
+SANDBOX_STOP_TIMEOUT = 10.0
+LEFTOVER_GRACE = 5.0
+TERMINAL = ('success', 'failed', 'cancelled')
+MYSQL_NAMES = ('mariadbd', 'mysqld')
+REDIS_NAMES = ('redis-server',)
+GROUPS = ('service', 'browsers', 'sandbox', 'mysql', 'redis')
+SERVICE_ROLES = ('supervisor', 'workers', 'manager')
+CLOCK_TICKS = os.sysconf('SC_CLK_TCK')
+PAGE_KB = os.sysconf('SC_PAGE_SIZE') // 1024
+UUID = re.compile(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}')
+
+NOTES = {
+    'wall_seconds': 'main workload, browser reuse on: max(completed_at) - min(created_at) over its tasks, '
+                    'server timestamps; starts with no browser running',
+    'tasks_per_second': 'tasks / wall_seconds',
+    'articles_published': "articles the sandbox's /api/articles held after the main workload (want: tasks)",
+    'duplicates': 'articles beyond one per title on the sandbox after the main workload (want: 0)',
+    'warm_task_seconds': 'median over single tasks run one at a time with warm browsers: created_at -> completed_at',
+    'warm_task_cpu_seconds': 'median over the same single tasks: utime+stime deltas summed over the service '
+                             'processes, every process with the browser marker, the sandbox, mysqld and '
+                             'redis-server, from just before the submit to just after completion was seen '
+                             '(the wipe of the browser after completion is not in it; see '
+                             'details.warm.after_completion_cpu_seconds)',
+    'limit_seconds': 'max(tasks / max_drivers * warm_task_seconds, tasks * warm_task_cpu_seconds / nproc): '
+                     'the latency bound of 8 browsers and the CPU bound of this machine',
+    'ratio_to_limit': 'wall_seconds / limit_seconds (aim: <= 1.3)',
+    'fresh_wall_seconds': 'the same workload with TOPN_DRIVER_REUSE=0 (a fresh browser per task)',
+    'speedup_vs_fresh_browser': 'fresh_wall_seconds / wall_seconds (aim: >= 3)',
+    'peak_pss_mb_service_and_browsers': 'peak, over 0.5 s samples during the main workload, of the PSS summed '
+                                        "over the serve process's tree (supervisor, manager, workers) and every "
+                                        'process whose command line carries the browser marker (chromedriver, '
+                                        'chromium, zygotes, renderers, crashpad) (aim: < 1500)',
+    'pss_mb_mysql': 'peak PSS of mysqld/mariadbd during the main workload: shared with every other user of '
+                    'this machine, not only this benchmark',
+    'pss_mb_redis': 'peak PSS of redis-server during the main workload: shared with every other user of '
+                    'this machine, not only this benchmark',
+    'pss_mb_sandbox': 'peak PSS of the sandbox process during the main workload; not in the service figure, it '
+                      'stands in for a remote platform',
+    'leftover_browser_processes': f'processes with the browser marker still alive {LEFTOVER_GRACE:g} s after '
+                                  'the service stopped, over both phases (want: 0; they are killed afterwards)',
+    'loadavg': 'the 1-minute load average when the run started and ended: the machine is shared, other '
+               'sessions run browsers too',
+    'details.*.cpu_seconds_by_group': 'CPU-seconds each group used during the workload (sampled every 0.5 s; '
+                                      'a process that exits loses its last <= 0.5 s)',
+    'details.*.service_cpu_seconds_by_process': 'the service group split: supervisor (web app, reaper), '
+                                                'workers (their Selenium clients), manager (the lease registry)',
+    'details.*.machine_cpu_busy_percent': 'all CPUs of the machine, from /proc/stat, over the workload, '
+                                          'including other users of the machine',
+    'limit_latency_bound_seconds / limit_cpu_bound_seconds': 'the two terms of limit_seconds',
+    'details.*.mean_concurrency': 'sum of task run times (started_at -> completed_at) / wall_seconds',
+    'details.*.task_run_seconds_*': 'started_at -> completed_at of the tasks, waiting for a browser (cap, CPU '
+                                    'admission, start-up) included',
+    'details.*.failed_attempts': 'attempts that did not succeed, by outcome and first line of their error; '
+                                 'failed_attempt_seconds_p50 is how long they ran, retry_wait_seconds_p50 the '
+                                 'gap before the next attempt of the same task',
+    'details.*.browsers_started': 'browser profile folders seen in command lines during the workload',
+    'details.*.max_live_drivers': 'most chromedriver processes of this service alive at one sample',
+    'details.*.pss_reads / sampler_cpu_seconds': 'smaps_rollup readings taken (a process whose RSS barely '
+                                                 'moved keeps its reading up to 5 s) and the CPU the sampler '
+                                                 'itself used: measurement load on the same machine',
+    'details.*.before_publish_s / after_publish_s': "started_at -> the sandbox's article created_at (log in, "
+                                                    'fill, click, confirm, 0.5 s platform latency), then -> '
+                                                    'completed_at (article page check, recording)',
+    'details.warm.idle_cpu_per_second': 'CPU-seconds per second used with warm browsers and no task, by group',
+    'details.warm.after_completion_cpu_seconds': f'CPU in the {AFTER_COMPLETION_SECONDS:g} s after a single '
+                                                 'task completed, minus the idle rate: mostly the wipe of its '
+                                                 'browser before it goes back to the pool',
+}
+
+
+# -- processes ------------------------------------------------------------------------------
+
+class Proc:
+    __slots__ = ('pid', 'ppid', 'comm', 'ticks', 'start', 'cmdline')
+
+    def __init__(self, pid, ppid, comm, ticks, start, cmdline):
+        self.pid, self.ppid, self.comm, self.ticks, self.start, self.cmdline = pid, ppid, comm, ticks, start, cmdline
+
+
+def list_processes():
+    """{pid: Proc} of every process on the machine now; utime+stime in clock ticks."""
+    found = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat', 'rb') as stat_file:
+                stat = stat_file.read()
+            with open(f'/proc/{entry}/cmdline', 'rb') as cmdline_file:
+                cmdline = cmdline_file.read()
+        except OSError:
+            continue
+        close = stat.rindex(b')')
+        fields = stat[close + 2:].split()
+        found[int(entry)] = Proc(int(entry), int(fields[1]), stat[stat.index(b'(') + 1:close].decode(errors='replace'),
+                                 int(fields[11]) + int(fields[12]), int(fields[19]), cmdline)
+    return found
+
+
+def rss_kb(pid):
+    try:
+        with open(f'/proc/{pid}/statm') as statm:
+            return int(statm.read().split()[1]) * PAGE_KB
+    except OSError:
+        return 0
+
+
+def pss_kb(pid):
+    try:
+        with open(f'/proc/{pid}/smaps_rollup') as rollup:
+            for line in rollup:
+                if line.startswith('Pss:'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class ProcessGroups:
+    """Sorts the machine's processes into the groups this benchmark reports: `browsers` (the
+    browser marker in the command line, wherever the process hangs in the tree), `service`
+    (the rest of the serve process's tree), `sandbox`, `mysql` and `redis`."""
+
+    def __init__(self, serve_pid, marker, sandbox_pid):
+        self.serve_pid = serve_pid
+        self.marker = marker.encode()
+        self.sandbox_pid = sandbox_pid
+        self.folder = re.compile(re.escape(self.marker) + rb'w\d+/\d+/')
+
+    def classify(self, processes):
+        """{pid: group} of the processes that belong to a group."""
+        tree = descendants(self.serve_pid, processes)
+        sandbox = descendants(self.sandbox_pid, processes)
+        groups = {}
+        for pid, proc in processes.items():
+            if self.marker in proc.cmdline:
+                groups[pid] = 'browsers'
+            elif pid in tree:
+                groups[pid] = 'service'
+            elif pid in sandbox:
+                groups[pid] = 'sandbox'
+            elif proc.comm in MYSQL_NAMES:
+                groups[pid] = 'mysql'
+            elif proc.comm in REDIS_NAMES:
+                groups[pid] = 'redis'
+        return groups
+
+    def cpu_snapshot(self, processes=None):
+        """{(pid, start time): (group, ticks)} of the grouped processes."""
+        processes = list_processes() if processes is None else processes
+        return {(pid, processes[pid].start): (group, processes[pid].ticks)
+                for pid, group in self.classify(processes).items()}
+
+    def service_role(self, proc):
+        """Which of the service's processes this is: the supervisor (which also serves the web
+        app and runs the reaper), a worker, or the lease manager."""
+        if proc.pid == self.serve_pid:
+            return 'supervisor'
+        return 'workers' if proc.comm == 'topn-worker' else 'manager'
+
+    def browser_folders(self, processes):
+        return {match.group() for proc in processes.values() for match in self.folder.finditer(proc.cmdline)}
+
+
+def descendants(root, processes):
+    children = collections.defaultdict(list)
+    for proc in processes.values():
+        children[proc.ppid].append(proc.pid)
+    found, stack = set(), [root] if root in processes else []
+    while stack:
+        pid = stack.pop()
+        found.add(pid)
+        stack.extend(children[pid])
+    return found
+
+
+def cpu_delta(before, after, groups=GROUPS):
+    """CPU-seconds by group between two snapshots. A process born in between counts whole; one
+    that exited in between is lost (counted in `exited`)."""
+    seconds = dict.fromkeys(groups, 0.0)
+    for key, (group, ticks) in after.items():
+        seconds[group] += (ticks - before.get(key, (group, 0))[1]) / CLOCK_TICKS
+    return {'by_group': {g: round(s, 3) for g, s in seconds.items()}, 'total': round(sum(seconds.values()), 3),
+            'appeared': len(after.keys() - before.keys()), 'exited': len(before.keys() - after.keys())}
+
+
+def machine_cpu_ticks():
+    """(busy, total) jiffies of all CPUs since boot."""
+    with open('/proc/stat') as stat:
+        values = [int(value) for value in stat.readline().split()[1:9]]
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def find_marked(marker):
+    needle = marker.encode()
+    return [proc.pid for proc in list_processes().values() if needle in proc.cmdline and proc.pid != os.getpid()]
+
+
+class Sampler(threading.Thread):
+    """Every SAMPLE_INTERVAL: PSS by group, live drivers, browser folders and CPU ticks per process.
+
+    Reading smaps_rollup is not cheap (~3-7 ms per Chromium process, 10 ms for mysqld; with 8
+    browsers ~0.15 CPU-s a sample, a tenth of a 2-core machine at 0.5 s), so a process's PSS is
+    read again only when it is new, its RSS (from statm, cheap) moved by more than
+    PSS_REREAD_RSS_KB or PSS_REREAD_RSS_FRACTION, or its last reading is older than
+    PSS_MAX_AGE; otherwise its last reading stands in. A sample whose service-and-browsers sum
+    looks like a new peak has those processes read again before it counts, so that peak is
+    always a sum of readings taken in one sample.
+    """
+
+    def __init__(self, groups):
+        super().__init__(name='sampler', daemon=True)
+        self.groups = groups
+        self.stopping = threading.Event()
+        self.samples = 0
+        self.pss_reads = 0
+        self.pss_cache = {}
+        self.peak_kb = dict.fromkeys(GROUPS, 0)
+        self.peak_service_and_browsers_kb = 0
+        self.at_peak_kb = {}
+        self.max_live_drivers = 0
+        self.folders = set()
+        self.first_ticks, self.last_ticks = {}, {}
+        self.own_cpu_seconds = 0.0
+        self.machine_busy_percent = None
+        self._machine_start = machine_cpu_ticks()
+
+    def run(self):
+        started = time.thread_time()
+        while not self.stopping.wait(SAMPLE_INTERVAL):
+            self.sample()
+        self.own_cpu_seconds = time.thread_time() - started
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
+        self.sample()
+        self.machine_busy_percent = busy_percent(self._machine_start, machine_cpu_ticks())
+
+    def sample(self):
+        processes = list_processes()
+        grouped = {(pid, processes[pid].start): group for pid, group in self.groups.classify(processes).items()}
+        for key, group in grouped.items():
+            if group == 'service':
+                group = self.groups.service_role(processes[key[0]])
+            self.first_ticks.setdefault(key, (group, processes[key[0]].ticks if self.samples == 0 else 0))
+            self.last_ticks[key] = (group, processes[key[0]].ticks)
+        self.pss_cache = {key: self.pss_cache[key] for key in grouped if key in self.pss_cache}
+        kb = self._pss_by_group(grouped, fresh=False)
+        if kb['service'] + kb['browsers'] > self.peak_service_and_browsers_kb:
+            kb = self._pss_by_group(grouped, fresh=True)
+        self.samples += 1
+        for group in GROUPS:
+            self.peak_kb[group] = max(self.peak_kb[group], kb[group])
+        if kb['service'] + kb['browsers'] > self.peak_service_and_browsers_kb:
+            self.peak_service_and_browsers_kb = kb['service'] + kb['browsers']
+            self.at_peak_kb = kb
+        self.max_live_drivers = max(self.max_live_drivers, sum(
+            1 for (pid, _), group in grouped.items() if group == 'browsers' and processes[pid].comm == 'chromedriver'))
+        self.folders |= self.groups.browser_folders({pid: processes[pid] for pid, _ in grouped})
+
+    def _pss_by_group(self, grouped, fresh):
+        """PSS sums by group; `fresh` reads every process not already read in this sample."""
+        now = time.monotonic()
+        kb = dict.fromkeys(GROUPS, 0)
+        for key, group in grouped.items():
+            cached = self.pss_cache.get(key)
+            if fresh:
+                stale = group in ('service', 'browsers') and cached[3] != self.samples
+            else:
+                rss = rss_kb(key[0])
+                stale = cached is None or now - cached[2] > PSS_MAX_AGE or abs(rss - cached[1]) > max(
+                    PSS_REREAD_RSS_KB, cached[1] * PSS_REREAD_RSS_FRACTION)
+            if stale:
+                cached = self.pss_cache[key] = (pss_kb(key[0]), rss_kb(key[0]) if fresh else rss, now, self.samples)
+                self.pss_reads += 1
+            kb[group] += cached[0]
+        return kb
+
+    def figures(self):
+        by_role = cpu_delta(self.first_ticks, self.last_ticks, GROUPS + SERVICE_ROLES)['by_group']
+        roles = {role: by_role.pop(role) for role in SERVICE_ROLES}
+        cpu = {**by_role, 'service': round(sum(roles.values()), 3)}
+        return {
+            'peak_pss_mb_service_and_browsers': mb(self.peak_service_and_browsers_kb),
+            'pss_mb_at_peak': {'service': mb(self.at_peak_kb.get('service', 0)),
+                               'browsers': mb(self.at_peak_kb.get('browsers', 0))},
+            'pss_mb_mysql': mb(self.peak_kb['mysql']),
+            'pss_mb_redis': mb(self.peak_kb['redis']),
+            'pss_mb_sandbox': mb(self.peak_kb['sandbox']),
+            'max_live_drivers': self.max_live_drivers,
+            'browsers_started': len(self.folders),
+            'cpu_seconds_by_group': cpu,
+            'service_cpu_seconds_by_process': roles,
+            'cpu_seconds_total': round(sum(cpu.values()), 2),
+            'machine_cpu_busy_percent': self.machine_busy_percent,
+            'memory_samples': self.samples,
+            'pss_reads': self.pss_reads,
+            'sampler_cpu_seconds': round(self.own_cpu_seconds, 2),
+        }
+
+
+def busy_percent(before, after):
+    total = after[1] - before[1]
+    return round(100.0 * (after[0] - before[0]) / total, 1) if total > 0 else None
+
+
+def mb(kb):
+    return round(kb / 1024, 1)
+
+
+# -- the sandbox platform --------------------------------------------------------------------
+
+class Sandbox:
+    """`python -m sandbox` on a free loopback port, in its own process group."""
+
+    def __init__(self, log_path):
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.log_path = log_path
+        self.process = None
+
+    def start(self):
+        with open(self.log_path, 'w') as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, '-m', 'sandbox', '--bind', f'127.0.0.1:{self.port}'], cwd=ROOT,
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + SANDBOX_START_TIMEOUT
+        while True:
+            try:
+                self.call('GET', '/api/faults')
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f'the sandbox did not start; see {self.log_path}') from None
+                time.sleep(0.1)
+        self.call('POST', '/api/faults', {'publish_latency_ms': PUBLISH_LATENCY_MS})
+
+    def call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={'Content-Type': 'application/json'})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def session_cookies(self, name, password):
+        """A new sandbox account and a logged-in session of it, as a cookie string."""
+        self.call('POST', '/api/accounts', {'name': name, 'password': password})
+        return self.call('POST', '/api/session', {'name': name, 'password': password})['cookies']
+
+    def articles(self):
+        return self.call('GET', '/api/articles')['articles']
+
+    def stop(self):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(SANDBOX_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log(f'the sandbox did not stop in {SANDBOX_STOP_TIMEOUT:g} s; killing it')
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+# -- one phase: a fresh service and sandbox, the workload, the figures --------------------------
+
+class Phase:
+    """Everything one service instance needs: its sandbox, temp dirs, users and their logins."""
+
+    def __init__(self, name, reuse, args, log_dir):
+        self.name = name
+        self.args = args
+        self.work_dir = pathlib.Path(tempfile.mkdtemp(prefix=f'topn-bench-browser-{name}-'))
+        self.sandbox = Sandbox(log_dir / f'{name}-sandbox.log')
+        self.settings = {**service_settings(), 'TOPN_DRIVER_REUSE': '1' if reuse else '0',
+                         'TOPN_SECRET_KEY': secrets.token_hex(16), 'TOPN_STATE_DIR': str(self.work_dir / 'state'),
+                         'TOPN_BROWSER_ROOT': str(self.work_dir / 'browsers'),
+                         'TOPN_SANDBOX_URL': self.sandbox.url, 'TOPN_SANDBOX_BIND': f'127.0.0.1:{self.sandbox.port}'}
+        self.service = Service(self.settings, log_dir / f'{name}-service.log')
+        self.marker = os.path.join(self.settings['TOPN_BROWSER_ROOT'], self.service.prefix) + '/'
+        self.client = Client(self.service.url)
+        self.tag = secrets.token_hex(3)
+        self.leftover = None
+        self.stop_seconds = None
+        self.refusals = collections.Counter()
+        self._refusals_lock = threading.Lock()
+
+    def start(self):
+        self.sandbox.start()
+        self.service.start()
+        self.groups = ProcessGroups(self.service.process.pid, self.marker, self.sandbox.process.pid)
+
+    def add_users(self, names):
+        """TOP_N users, each with a sandbox account whose session is stored as its login. {name: token}."""
+        tokens = self.service.add_users(names)
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            list(pool.map(self.store_login, names))
+        return dict(zip(names, tokens))
+
+    def store_login(self, name):
+        cookies = self.sandbox.session_cookies(name, secrets.token_hex(8))
+        done = subprocess.run([sys.executable, 'topn.py', 'account', 'set', name, 'sandbox', '--cookies', cookies],
+                              cwd=ROOT, env=self.service.env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f'topn.py account set {name} sandbox exited with {done.returncode}: '
+                               f'{done.stderr.strip()[-2000:]}')
+
+    def create_batch(self, token, articles):
+        """Send one sandbox batch until it is accepted; returns its task ids."""
+        while True:
+            status, answer, headers = self.client.call('POST', '/api/publish/create_batch', token,
+                                                       {'platform': 'sandbox', 'articles': articles})
+            if status == 200 and answer['success']:
+                return answer['task_ids']
+            if status not in (429, 503):
+                raise RuntimeError(f'create_batch answered {status}: {answer}')
+            with self._refusals_lock:
+                self.refusals[str(status)] += 1
+            time.sleep(min(5.0, float(headers.get('Retry-After', 1))))
+
+    def stop(self):
+        """Stop the service and the sandbox, count and kill leftover browser processes, and
+        remove the database, the Redis keys and the temp dirs. Safe to call after a failure."""
+        started = time.monotonic()
+        try:
+            self.service.stop()
+            self.stop_seconds = round(time.monotonic() - started, 1)
+            self.leftover = self._leftover_browser_processes()
+        finally:
+            try:
+                self.sandbox.stop()
+            finally:
+                self.service.clean_up()
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _leftover_browser_processes(self):
+        """Zygotes may linger ~2 s after the service stopped; whatever outlives the grace is
+        counted, reported and killed by pid."""
+        deadline = time.monotonic() + LEFTOVER_GRACE
+        while (pids := find_marked(self.marker)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if pids:
+            log(f'  {len(pids)} browser processes of {self.marker} outlived the service; killed them')
+        return len(pids)
+
+    def log_summary(self):
+        """Warnings and errors in the service log, the most frequent messages first."""
+        if not self.service.log_path.exists():
+            return None
+        lines = self.service.logged_lines()
+        messages = collections.Counter()
+        for line in lines:
+            if ' WARNING ' in line or ' ERROR ' in line or line.startswith('Traceback'):
+                text = line.split(' ', 2)[2] if line[:4].isdigit() else line
+                messages[UUID.sub('<id>', text)[:300]] += 1
+        return {'warnings': sum(' WARNING ' in line for line in lines),
+                'errors': sum(' ERROR ' in line or line.startswith('Traceback') for line in lines),
+                'top_messages': [{'count': n, 'message': m} for m, n in messages.most_common(8)]}
+
+
+def inherited_settings():
+    return {name: value for name, value in os.environ.items()
+            if name.startswith('TOPN_') and name not in SET_BY_BENCHMARK}
+
+
+def article_body(title):
+    text = f'This is the body of "{title}", published by the TOP_N browser benchmark. '
+    return f'## {title}\n\n' + (text * 3)[:200] + '\n\n**The end.**'
+
+
+
+
+def submit_workload(phase, tokens):
+    """Every user sends its batch at the same moment. {token: [task ids]}."""
+    go = threading.Barrier(len(tokens))
+
+    def submit(item):
+        name, token = item
+        titles = [f'{phase.name}-{phase.tag} {name} #{i}' for i in range(phase.args.per_user)]
+        articles = [{'title': title, 'content': article_body(title)} for title in titles]
+        go.wait()
+        return token, phase.create_batch(token, articles)
+
+    with concurrent.futures.ThreadPoolExecutor(len(tokens)) as pool:
+        return dict(pool.map(submit, tokens.items()))
+
+
+def wait_until_finished(client, task_ids, timeout):
+    """Poll one user at a time (the first with unfinished tasks) until every task is success,
+    failed or cancelled. Raises TimeoutError with the statuses seen."""
+    deadline = time.monotonic() + timeout
+    pending = list(task_ids.items())
+    while pending:
+        token, ids = pending[0]
+        rows = client.task_rows(token, ids)
+        if all(row['status'] in TERMINAL for row in rows):
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            statuses = collections.Counter(row['status'] for row in rows)
+            raise TimeoutError(f'{len(pending)} users still had unfinished tasks after {timeout:g} s '
+                               f'(the first of them: {dict(statuses)})')
+        time.sleep(STATUS_POLL)
+
+
+def run_workload(phase, tokens):
+    """The measured workload on a service with no browser running yet; figures from the task
+    rows, the sandbox and the sampler."""
+    tasks = len(tokens) * phase.args.per_user
+    sampler = Sampler(phase.groups)
+    sampler.sample()
+    sampler.start()
+    load_before = os.getloadavg()[0]
+    log(f'  {phase.name}: submitting {tasks} tasks from {len(tokens)} users')
+    try:
+        task_ids = submit_workload(phase, tokens)
+        wait_until_finished(phase.client, task_ids, timeout=120 + 6 * tasks)
+    finally:
+        sampler.stop()
+    rows_by_token = {token: phase.client.task_rows(token, ids) for token, ids in task_ids.items()}
+    rows = [row for token_rows in rows_by_token.values() for row in token_rows]
+    articles = phase.sandbox.articles()
+    figures = {**task_figures(rows), **article_figures(articles, rows), **timeline_figures(rows, articles),
+               **retry_figures(phase.client, rows_by_token),
+               **sampler.figures(), 'loadavg_1m_during': [round(load_before, 2), round(os.getloadavg()[0], 2)],
+               'refusals': dict(phase.refusals)}
+    figures['cpu_seconds_per_task'] = round(figures['cpu_seconds_total'] / tasks, 3)
+    log(f'  {phase.name}: {figures["tasks_succeeded"]}/{tasks} succeeded in {figures["wall_seconds"]} s, '
+        f'{figures["articles_published"]} articles, peak PSS {figures["peak_pss_mb_service_and_browsers"]} MB')
+    return figures
+
+
+def task_figures(rows):
+    succeeded = [row for row in rows if row['status'] == 'success']
+    figures = {'tasks': len(rows), 'tasks_succeeded': len(succeeded),
+               'tasks_not_succeeded': {row['task_id']: f'{row["status"]}: {row["error_message"]}'
+                                       for row in rows if row['status'] != 'success'},
+               'retries': sum(row['retry_count'] for row in rows),
+               'tasks_retried': sum(1 for row in rows if row['retry_count'])}
+    if not succeeded:
+        return {**figures, 'wall_seconds': None, 'tasks_per_second': None}
+    created = [timestamp(row['created_at']) for row in rows]
+    wall = max(timestamp(row['completed_at']) for row in succeeded) - min(created)
+    runs = [timestamp(row['completed_at']) - timestamp(row['started_at']) for row in succeeded]
+    dispatch = [timestamp(row['started_at']) - timestamp(row['created_at']) for row in succeeded]
+    return {**figures, 'wall_seconds': round(wall, 3), 'tasks_per_second': round(len(succeeded) / wall, 3),
+            'task_run_seconds_p50': round(percentile(runs, 50), 3),
+            'task_run_seconds_p90': round(percentile(runs, 90), 3),
+            'task_run_seconds_max': round(max(runs), 3),
+            'dispatch_wait_seconds_p50': round(percentile(dispatch, 50), 3),
+            'dispatch_wait_seconds_max': round(max(dispatch), 3),
+            'mean_concurrency': round(sum(runs) / wall, 2), 'max_concurrency': max_overlap(succeeded)}
+
+
+def retry_figures(client, rows_by_token):
+    """What the attempts that did not succeed ended with, and the time they cost."""
+    outcomes, spent, gaps = collections.Counter(), [], []
+    for token, rows in rows_by_token.items():
+        for row in rows:
+            if not row['retry_count']:
+                continue
+            status, answer, _ = client.call('GET', f'/api/publish/tasks/{row["task_id"]}', token)
+            if status != 200:
+                raise RuntimeError(f'the task detail answered {status}: {answer}')
+            attempts = answer['task']['attempts']
+            for attempt, following in zip(attempts, attempts[1:]):
+                error = UUID.sub('<id>', (attempt['error'] or '').splitlines()[0] if attempt['error'] else '')
+                outcomes[f'{attempt["outcome"]}: {error[:200]}'] += 1
+                spent.append(timestamp(attempt['ended_at']) - timestamp(attempt['started_at']))
+                gaps.append(timestamp(following['started_at']) - timestamp(attempt['ended_at']))
+    if not spent:
+        return {'failed_attempts': {}}
+    return {'failed_attempts': dict(outcomes.most_common()),
+            'failed_attempt_seconds_p50': round(statistics.median(spent), 3),
+            'retry_wait_seconds_p50': round(statistics.median(gaps), 3)}
+
+
+def max_overlap(rows):
+    events = sorted([(timestamp(row['started_at']), 1) for row in rows] +
+                    [(timestamp(row['completed_at']), -1) for row in rows], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+def article_figures(articles, rows):
+    titles = collections.Counter(article['title'] for article in articles)
+    expected = {row['article_title'] for row in rows}
+    return {'articles_published': len(articles), 'duplicates': sum(n - 1 for n in titles.values()),
+            'articles_missing': len(expected - titles.keys()), 'articles_unexpected': len(titles.keys() - expected),
+            'articles_ok': len(articles) == len(rows) and titles.keys() == expected and max(titles.values()) == 1}
+
+
+def timeline_figures(rows, articles):
+    """Where a task's time goes, split at the moment the sandbox stored the article."""
+    stored = {article['title']: timestamp(article['created_at']) for article in articles}
+    before, after = [], []
+    for row in rows:
+        if row['status'] == 'success' and row['article_title'] in stored:
+            before.append(stored[row['article_title']] - timestamp(row['started_at']))
+            after.append(timestamp(row['completed_at']) - stored[row['article_title']])
+    if not before:
+        return {}
+    return {'before_publish_s_p50': round(statistics.median(before), 3),
+            'after_publish_s_p50': round(statistics.median(after), 3)}
+
+
+# -- single warm tasks --------------------------------------------------------------------------
+
+def measure_warm_tasks(phase, token):
+    """WARM_PROBES single tasks, one at a time, on the warm pool: time alone, CPU-seconds."""
+    db = pymysql.connect(**MYSQL, database=phase.service.database, autocommit=True, connect_timeout=5)
+    try:
+        before = phase.groups.cpu_snapshot()
+        time.sleep(IDLE_MEASURE_SECONDS)
+        idle = cpu_delta(before, phase.groups.cpu_snapshot())
+        idle_rate = {group: seconds / IDLE_MEASURE_SECONDS for group, seconds in idle['by_group'].items()}
+        probes = [warm_probe(phase, token, db, number, idle_rate) for number in range(WARM_PROBES)]
+    finally:
+        db.close()
+    stored = {article['title']: timestamp(article['created_at']) for article in phase.sandbox.articles()}
+    for probe in probes:
+        row = probe.pop('row')
+        if row['status'] == 'success' and row['article_title'] in stored:
+            probe['before_publish_s'] = round(stored[row['article_title']] - timestamp(row['started_at']), 3)
+            probe['after_publish_s'] = round(timestamp(row['completed_at']) - stored[row['article_title']], 3)
+            probe['dispatch_wait_s'] = round(timestamp(row['started_at']) - timestamp(row['created_at']), 3)
+    succeeded = [probe for probe in probes if probe['status'] == 'success']
+    if not succeeded:
+        raise RuntimeError(f'no single warm task succeeded: {probes}')
+    return {
+        'warm_task_seconds': round(statistics.median(p['seconds'] for p in succeeded), 3),
+        'warm_task_cpu_seconds': round(statistics.median(p['cpu']['total'] for p in succeeded), 3),
+        'warm_task_cpu_seconds_by_group': {g: round(statistics.median(p['cpu']['by_group'][g] for p in succeeded), 3)
+                                           for g in GROUPS},
+        'after_completion_cpu_seconds': round(
+            statistics.median(p['after_completion_cpu_seconds'] for p in succeeded), 3),
+        **{f'{part}_p50': round(statistics.median(p[part] for p in succeeded if part in p), 3)
+           for part in ('dispatch_wait_s', 'before_publish_s', 'after_publish_s') if any(part in p for p in succeeded)},
+        'idle_cpu_per_second': {g: round(rate, 3) for g, rate in idle_rate.items()},
+        'probes': probes,
+        'probes_that_started_a_browser': sum(p['started_a_browser'] for p in probes),
+    }
+
+
+def warm_probe(phase, token, db, number, idle_rate):
+    folders_before = browser_folders_on_disk(phase.marker)
+    title = f'{phase.name}-{phase.tag} warm #{number}'
+    snapshot_before = phase.groups.cpu_snapshot()
+    task_id, = phase.create_batch(token, [{'title': title, 'content': article_body(title)}])
+    status = wait_for_row(db, task_id)
+    snapshot_after = phase.groups.cpu_snapshot()
+    time.sleep(AFTER_COMPLETION_SECONDS)
+    tail = cpu_delta(snapshot_after, phase.groups.cpu_snapshot())
+    row, = phase.client.task_rows(token, [task_id])
+    seconds = timestamp(row['completed_at']) - timestamp(row['created_at']) if status == 'success' else None
+    cpu = cpu_delta(snapshot_before, snapshot_after)
+    idle_during_tail = sum(idle_rate.values()) * AFTER_COMPLETION_SECONDS
+    return {'status': status, 'seconds': round(seconds, 3) if seconds is not None else None, 'cpu': cpu,
+            'after_completion_cpu_seconds': round(tail['total'] - idle_during_tail, 3),
+            'started_a_browser': bool(browser_folders_on_disk(phase.marker) - folders_before),
+            'retries': row['retry_count'], 'row': row}
+
+
+def wait_for_row(db, task_id):
+    """Poll the task's row in MySQL until it is finished; returns its status."""
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    with db.cursor() as cur:
+        while True:
+            cur.execute('SELECT status FROM publish_tasks WHERE task_id = %s', (task_id,))
+            status = cur.fetchone()[0]
+            if status in TERMINAL:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'the single task {task_id} was still {status} after {PROBE_TIMEOUT:g} s')
+            time.sleep(PROBE_POLL)
+
+
+def browser_folders_on_disk(marker):
+    """The browser profile folders of every worker ({marker}w{pid}/{n}/) that exist now."""
+    try:
+        return {f'{worker}/{n}' for worker in os.listdir(marker) for n in os.listdir(os.path.join(marker, worker))}
+    except OSError:
+        return set()
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+def run_phase(name, reuse, args, log_dir, warm):
+    phase = Phase(name, reuse, args, log_dir)
+    log(f'  {name}: starting the sandbox and the service (TOPN_DRIVER_REUSE={int(reuse)})')
+    try:
+        phase.start()
+        names = [f'user{i}' for i in range(args.users)]
+        tokens = phase.add_users(names + (['probe'] if warm else []))
+        probe_token = tokens.pop('probe', None)
+        figures = run_workload(phase, tokens)
+        if warm:
+            log(f'  {name}: {WARM_PROBES} single tasks on warm browsers')
+            figures['warm'] = measure_warm_tasks(phase, probe_token)
+    finally:
+        log(f'  {name}: stopping the service and cleaning up')
+        phase.stop()
+    figures['service_stop_seconds'] = phase.stop_seconds
+    figures['leftover_browser_processes'] = phase.leftover
+    figures['service_log'] = phase.log_summary()
+    return figures
+
+
+def run_once(number, args, log_dir):
+    load_start = os.getloadavg()[0]
+    main = run_phase(f'main{number}', True, args, log_dir, warm=True)
+    baseline = None
+    if not args.skip_baseline:
+        try:
+            baseline = run_phase(f'fresh{number}', False, args, log_dir, warm=False)
+        except Exception as error:
+            log(f'  the baseline failed: {type(error).__name__}: {error}')
+            baseline = {'error': f'{type(error).__name__}: {error}'}
+    tasks, drivers = args.users * args.per_user, int(service_settings()['TOPN_MAX_DRIVERS'])
+    warm = main['warm']
+    latency_bound = tasks / drivers * warm['warm_task_seconds']
+    cpu_bound = tasks * warm['warm_task_cpu_seconds'] / os.cpu_count()
+    limit = max(latency_bound, cpu_bound)
+    wall = main['wall_seconds']
+    fresh_wall = baseline.get('wall_seconds') if baseline else None
+    finished = [phase for phase in (main, baseline) if phase and 'error' not in phase]
+    return {
+        'wall_seconds': wall,
+        'tasks_per_second': main['tasks_per_second'],
+        'articles_published': main['articles_published'],
+        'duplicates': main['duplicates'],
+        'articles_ok': main['articles_ok'],
+        'warm_task_seconds': warm['warm_task_seconds'],
+        'warm_task_cpu_seconds': warm['warm_task_cpu_seconds'],
+        'limit_seconds': round(limit, 3),
+        'limit_latency_bound_seconds': round(latency_bound, 3),
+        'limit_cpu_bound_seconds': round(cpu_bound, 3),
+        'ratio_to_limit': round(wall / limit, 3) if wall else None,
+        'fresh_wall_seconds': fresh_wall,
+        'speedup_vs_fresh_browser': round(fresh_wall / wall, 2) if fresh_wall and wall else None,
+        'peak_pss_mb_service_and_browsers': main['peak_pss_mb_service_and_browsers'],
+        'pss_mb_mysql': main['pss_mb_mysql'],
+        'pss_mb_redis': main['pss_mb_redis'],
+        'pss_mb_sandbox': main['pss_mb_sandbox'],
+        'leftover_browser_processes': sum(phase['leftover_browser_processes'] or 0 for phase in finished),
+        'tasks_not_succeeded': sum(phase['tasks'] - phase['tasks_succeeded'] for phase in finished),
+        'retries': sum(phase['retries'] for phase in finished),
+        'loadavg': [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        'details': {'main': main, 'baseline': baseline},
+    }
+
+
+def service_settings():
+    """Bench defaults, then the caller's TOPN_* variables (not those the bench sets itself)."""
+    return {**SERVICE_DEFAULTS, **inherited_settings()}
+
+
+def medians(runs):
+    """Median of each top-level number over the runs that finished and have it."""
+    finished = [run for run in runs if 'error' not in run]
+    summary = {}
+    for key in (finished[0] if finished else {}):
+        values = [run.get(key) for run in finished]
+        if all(isinstance(v, bool) for v in values):
+            summary[key] = f'{sum(values)}/{len(values)}'
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            summary[key] = round(statistics.median(values), 3)
+    return summary
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description='Benchmark TOP_N publishing through real headless Chromium.')
+    parser.add_argument('--runs', type=int, default=3, help='runs, each on fresh services (default 3)')
+    parser.add_argument('--users', type=int, default=10, help='users, one batch each (default 10)')
+    parser.add_argument('--per-user', type=int, default=10, help='articles per user, at most 10 (default 10)')
+    parser.add_argument('--skip-baseline', action='store_true', help='no fresh-browser baseline (no speedup figure)')
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.users < 1 or not 1 <= args.per_user <= 10:
+        parser.error('--runs and --users must be 1 or more, --per-user from 1 to 10')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log_dir = pathlib.Path(tempfile.mkdtemp(prefix='topn-bench-browser-logs-'))
+    log(f'service and sandbox logs go to {log_dir}')
+    started = time.monotonic()
+    report = {
+        'benchmark': 'browser',
+        'machine': {**machine_facts(), 'loadavg_at_start': [round(x, 2) for x in os.getloadavg()],
+                    'note': 'shared machine: other sessions run browsers, MySQL and Redis work too'},
+        'code': code_under_test(),
+        'service_logs': str(log_dir),
+        'settings': {'runs': args.runs, 'users': args.users, 'per_user': args.per_user,
+                     'tasks': args.users * args.per_user, 'skip_baseline': args.skip_baseline,
+                     'sandbox_publish_latency_ms': PUBLISH_LATENCY_MS, 'warm_probes': WARM_PROBES,
+                     'memory_sample_interval_s': SAMPLE_INTERVAL,
+                     'service': {**service_settings(), 'TOPN_DRIVER_REUSE': '1 (main), 0 (baseline)'}},
+        'notes': NOTES,
+    }
+    runs = []
+    try:
+        for number in range(1, args.runs + 1):
+            log(f'run {number}/{args.runs}')
+            try:
+                figures = run_once(number, args, log_dir)
+            except Exception as error:
+                log(f'run {number} failed: {type(error).__name__}: {error}')
+                figures = {'error': f'{type(error).__name__}: {error}'}
+            log(f'run {number}: ' + json.dumps({k: v for k, v in figures.items() if k != 'details'}))
+            runs.append(figures)
+    except KeyboardInterrupt:
+        log('interrupted; the services were stopped and their databases, keys and browsers removed')
+        return 130
+    report['runs'] = runs
+    report['median'] = medians(runs)
+    report['machine']['loadavg_at_end'] = [round(x, 2) for x in os.getloadavg()]
+    report['elapsed_s'] = round(time.monotonic() - started, 1)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0 if all('error' not in run for run in runs) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
