@@ -415,7 +415,8 @@ class Database:
                 (worker_id, int(lease_ttl * 1e6), task_id))
             if cur.rowcount != 1:
                 return None
-            cur.execute(f'SELECT {TASK_COLUMNS}, article_content, attempt, platform_ref FROM publish_tasks WHERE task_id = %s',
+            cur.execute(f'SELECT {TASK_COLUMNS}, article_content, attempt, platform_ref '
+                        'FROM publish_tasks WHERE task_id = %s',
                         (task_id,))
             task = cur.fetchone()
             cur.execute(

@@ -216,7 +216,8 @@ class Scheduler:
             raise InvalidRequest('empty_batch', 'a batch needs at least one article in "articles"')
         if len(articles) > self.config.batch_max:
             raise InvalidRequest(
-                'batch_too_large', f'a batch holds at most {self.config.batch_max} articles, this one has {len(articles)}')
+                'batch_too_large',
+                f'a batch holds at most {self.config.batch_max} articles, this one has {len(articles)}')
         platform = payload.get('platform')
         if not isinstance(platform, str) or platform not in self.platforms:
             raise InvalidRequest(
@@ -235,7 +236,8 @@ class Scheduler:
             raise InvalidRequest('empty_title', f'{where} has an empty title')
         if len(title) > self.config.title_max_chars:
             raise InvalidRequest(
-                'title_too_long', f'{where}: the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
+                'title_too_long',
+                f'{where}: the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
         if not isinstance(content, str) or not content.strip():
             raise InvalidRequest('empty_content', f'{where} has an empty body')
         if not _is_encodable(title) or not _is_encodable(content):
@@ -243,8 +245,10 @@ class Scheduler:
         size = len(content.encode('utf-8'))
         if size > self.config.body_max_bytes:
             raise InvalidRequest(
-                'content_too_large', f'{where}: the body is {size} bytes, at most {self.config.body_max_bytes} are allowed')
-        if article_id is not None and (not isinstance(article_id, int) or isinstance(article_id, bool) or article_id < 1):
+                'content_too_large',
+                f'{where}: the body is {size} bytes, at most {self.config.body_max_bytes} are allowed')
+        valid_id = isinstance(article_id, int) and not isinstance(article_id, bool) and article_id >= 1
+        if article_id is not None and not valid_id:
             raise InvalidRequest('invalid_article_id', f'{where}: article_id must be a positive integer')
         return {'title': title.strip(), 'content': content, 'article_id': article_id}
 
@@ -344,11 +348,14 @@ class Scheduler:
         return self.config.retry_backoff * (2 ** retry_count) * random.uniform(0.8, 1.2)
 
     def record_success(self, task, url):
-        return self.db.end_attempt(task['task_id'], task['attempt'], 'success', 'success', result_url=url)
+        """Returns the task's new status, or None when the attempt no longer owned the task."""
+        ended = self.db.end_attempt(task['task_id'], task['attempt'], 'success', 'success', result_url=url)
+        return 'success' if ended else None
 
     def record_cancelled(self, task):
-        return self.db.end_attempt(task['task_id'], task['attempt'], 'cancelled', 'cancelled',
-                                   error='cancelled by the user')
+        ended = self.db.end_attempt(task['task_id'], task['attempt'], 'cancelled', 'cancelled',
+                                    error='cancelled by the user')
+        return 'cancelled' if ended else None
 
     def record_failure(self, task, error, retryable=True, outcome='failed'):
         """Fail one attempt: queue a retry after backoff while retries are left, else fail the task.
@@ -417,7 +424,8 @@ class Scheduler:
             if status is None:
                 raise NotFound('task_not_found', f'no task {task_id}')
             if status not in ('failed', 'cancelled'):
-                raise Conflict('task_not_retryable', f'only failed or cancelled tasks can be retried; this one is {status}')
+                raise Conflict('task_not_retryable',
+                               f'only failed or cancelled tasks can be retried; this one is {status}')
             self._check_active_limit(cur, user_id, 1)
             self.db.reopen_task(cur, user_id, task_id)
             return user

@@ -220,7 +220,8 @@ class Api:
         length = bottle.request.content_length
         if length > self.config.max_request_bytes:
             raise BodyTooLarge('body_too_large',
-                               f'the request body is {length} bytes; at most {self.config.max_request_bytes} are accepted')
+                               f'the request body is {length} bytes; '
+                               f'at most {self.config.max_request_bytes} are accepted')
         raw = bottle.request.body.read(self.config.max_request_bytes + 1)
         if len(raw) > self.config.max_request_bytes:
             raise BodyTooLarge('body_too_large', f'at most {self.config.max_request_bytes} bytes are accepted')

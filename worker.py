@@ -201,12 +201,11 @@ class Worker:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if result is None or result is False:
+        if result is None:
             log.warning('task %s attempt %s: outcome not recorded, the task was taken back',
                         task['task_id'], task['attempt'])
         else:
-            log.info('task %s attempt %s: %s', task['task_id'], task['attempt'],
-                     result if isinstance(result, str) else record.__name__.removeprefix('record_'))
+            log.info('task %s attempt %s: %s', task['task_id'], task['attempt'], result)
 
     # -- the process -----------------------------------------------------------------
 

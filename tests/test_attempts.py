@@ -227,5 +227,5 @@ def test_reaper_fails_an_attempt_stuck_past_the_task_timeout(config, db, redis_c
     row = db.task_for_user(alice.id, task_id)
     assert row['status'] == 'retry' and row['retry_count'] == 1
     assert 'timed out' in row['error_message']
-    assert scheduler.record_success(stuck, 'https://late.test/p/1') is False
+    assert scheduler.record_success(stuck, 'https://late.test/p/1') is None
     assert db.task_for_user(alice.id, task_id)['result_url'] is None

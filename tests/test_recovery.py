@@ -93,7 +93,7 @@ def test_task_of_a_vanished_worker_is_requeued_counting_the_attempt(scheduler, m
     assert [h['outcome'] for h in db.history(task_id)] == ['lost', 'success']
     assert db.task_for_user(alice.id, task_id)['retry_count'] == 1
     assert platform.published == [task_id]
-    assert scheduler.record_success(vanished, 'https://late.test/p/1') is False
+    assert scheduler.record_success(vanished, 'https://late.test/p/1') is None
 
 
 def test_lease_renewed_by_heartbeat_is_not_taken_back_from_a_slow_but_live_worker(
