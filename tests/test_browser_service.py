@@ -107,7 +107,19 @@ def browser_processes(tmp_path):
 
 
 def chromedrivers(tmp_path):
-    return [pid for pid, command in browser_processes(tmp_path).items() if 'chromedriver' in command.split()[0]]
+    """Live chromedriver processes. A child that chromedriver has forked but not yet exec'd
+    into chromium still shows chromedriver's command line; its parent gives it away."""
+    processes = browser_processes(tmp_path)
+    drivers = {pid for pid, command in processes.items() if 'chromedriver' in command.split()[0]}
+    return [pid for pid in drivers if parent_of(pid) not in drivers]
+
+
+def parent_of(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            return int(stat.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_three_users_times_ten_articles_land_exactly_once_under_the_right_account(
