@@ -56,7 +56,8 @@ import urllib.request
 
 import pymysql
 
-from pipeline import MYSQL, Client, Service, code_under_test, free_port, log, machine_facts, percentile, timestamp
+from pipeline import (MYSQL, Client, Service, code_under_test, free_port, log, machine_facts, percentile,
+                      stop_process_group, timestamp)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVICE_DEFAULTS = {'TOPN_WORKERS': '4', 'TOPN_WORKER_SLOTS': '2', 'TOPN_MAX_DRIVERS': '8',
@@ -430,17 +431,8 @@ class Sandbox:
         return self.call('GET', '/api/articles')['articles']
 
     def stop(self):
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(SANDBOX_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log(f'the sandbox did not stop in {SANDBOX_STOP_TIMEOUT:g} s; killing it')
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process, SANDBOX_STOP_TIMEOUT, 'the sandbox')
 
 
 # -- one phase: a fresh service and sandbox, the workload, the figures --------------------------

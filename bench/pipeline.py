@@ -73,6 +73,19 @@ def log(message):
 
 # -- the service under test ------------------------------------------------------------
 
+
+def stop_process_group(process, timeout, what):
+    """SIGTERM to `process`, then SIGKILL to its whole process group after `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f'{what} did not stop in {timeout:g} s; killing it')
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
 class Service:
     """`topn.py serve` in its own process group, with its own database and key prefix."""
 
@@ -123,18 +136,8 @@ class Service:
             return list(pool.map(self.add_user, names))
 
     def stop(self):
-        """SIGTERM, then SIGKILL to the whole process group after STOP_TIMEOUT."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log(f'the service did not stop in {STOP_TIMEOUT:g} s; killing it')
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process, STOP_TIMEOUT, 'the service')
 
     def clean_up(self):
         client = redis.Redis.from_url(REDIS_URL)
