@@ -42,22 +42,63 @@ REFUSALS = {
 # How far apart the platform's clock and MySQL's may be when matching an earlier publish.
 CLOCK_SLACK = datetime.timedelta(seconds=120)
 
-# Read in the page in one step, so a navigation in between cannot leave a stale element.
-SHOWN_ERROR_JS = """
-const error = document.querySelector(arguments[0]);
-if (!error || error.hidden || !error.textContent.trim()) return null;
-return [error.dataset.code || '', error.textContent.trim()];
+# Page scripts. Each is one WebDriver round trip: under load every round trip waits for the
+# CPU, so a step reads or does what it needs in one script rather than element by element,
+# and nothing is polled. Each takes selector lists from SELECTORS and uses the first match.
+FIRST_MATCH = """
+const first = selectors => {
+  for (const selector of selectors) {
+    const element = document.querySelector(selector);
+    if (element) return element;
+  }
+  return null;
+};
+const shownError = selectors => {
+  const error = first(selectors);
+  return error && !error.hidden && error.textContent.trim() ? [error.dataset.code || '', error.textContent.trim()] : null;
+};
 """
-FILL_JS = """
-const [title, editor, html] = arguments;
+EDITOR_STATE_JS = FIRST_MATCH + """
+return [location.pathname, Boolean(first(arguments[0]))];
+"""
+FILL_JS = FIRST_MATCH + """
+const [titleSelectors, editorSelectors, html, text] = arguments;
+const title = first(titleSelectors), editor = first(editorSelectors);
+if (!title || !editor) return null;
 title.focus();
-title.value = arguments[3];
+title.value = text;
 title.dispatchEvent(new Event('input', {bubbles: true}));
 editor.focus();
 const data = new DataTransfer();
 data.setData('text/html', html);
 editor.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
 return [title.value, editor.textContent];
+"""
+CONFIRM_STATE_JS = FIRST_MATCH + """
+const confirm = first(arguments[0]);
+if (confirm && confirm.checkVisibility()) return ['confirm'];
+const error = shownError(arguments[1]);
+return error ? ['refused', ...error] : null;
+"""
+# Resolves when the editor shows an error. When the page goes to the article instead,
+# chromedriver ends the script (as a script timeout) and the URL tells the outcome.
+OUTCOME_JS = FIRST_MATCH + """
+const selectors = arguments[0], done = arguments[arguments.length - 1];
+if (/\\/p\\/\\d+$/.test(location.pathname)) return done(['published', location.href]);
+const report = () => {
+  const error = shownError(selectors);
+  if (error) {
+    observer.disconnect();
+    done(['refused', ...error]);
+  }
+};
+const observer = new MutationObserver(report);
+observer.observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true});
+report();
+"""
+TEXT_JS = FIRST_MATCH + """
+const element = first(arguments[0]);
+return element ? element.textContent : null;
 """
 
 
@@ -82,11 +123,11 @@ class SandboxPublisher(Publisher):
             earlier = self._find_published(driver, attempt)
             if earlier:
                 return earlier
-            driver.get(self.base_url + PATHS['write'])
+            self._open_editor(driver)
         self._fill(driver, attempt)
         attempt.progress(60)
         self._click(driver, 'publish')
-        wait_for(lambda: self._visible(driver, 'confirm'), 10, 'the confirm dialog')
+        self._expect_confirm_dialog(driver)
         attempt.mark_submitted()
         self._click(driver, 'confirm')
         attempt.progress(85)
@@ -109,51 +150,69 @@ class SandboxPublisher(Publisher):
 
     def _log_in(self, driver, account):
         import_cookies(driver, self.base_url, parse_cookies(account['cookies']))
+        self._open_editor(driver)
+
+    def _open_editor(self, driver):
         driver.get(self.base_url + PATHS['write'])
-        if driver.current_url.split('?')[0].endswith(PATHS['login']):
+        path, has_editor = driver.execute_script(EDITOR_STATE_JS, SELECTORS['editor'])
+        if path.endswith(PATHS['login']):
             raise LoginExpired('沙盒平台登录已失效：请在账号页更新 Cookie (the stored sandbox login has expired)')
-        wait_for(lambda: self._find(driver, 'editor'), 10, 'the editor to load')
+        if not has_editor:
+            wait_for(lambda: driver.execute_script(EDITOR_STATE_JS, SELECTORS['editor'])[1], 10, 'the editor to load')
 
     def _fill(self, driver, attempt):
-        title_value, body_text = driver.execute_script(
-            FILL_JS, self._find(driver, 'title'), self._find(driver, 'editor'), attempt.body_html, attempt.title)
+        filled = driver.execute_script(FILL_JS, SELECTORS['title'], SELECTORS['editor'], attempt.body_html,
+                                       attempt.title)
+        if filled is None:
+            raise PublishError(f'the page has no title field or editor any more ({SELECTORS["title"]}, '
+                               f'{SELECTORS["editor"]}); the platform may have changed its page')
+        title_value, body_text = filled
         if title_value != attempt.title or not body_text.strip():
             raise PublishError('the editor did not take the title or the body; nothing was published')
+
+    def _expect_confirm_dialog(self, driver):
+        """The editor opens its confirm dialog on the click, or shows why not (nothing is sent yet)."""
+        state = wait_for(lambda: driver.execute_script(CONFIRM_STATE_JS, SELECTORS['confirm'], SELECTORS['error']),
+                         10, 'the confirm dialog')
+        if state[0] == 'refused':
+            self._raise_refusal(state[1], state[2])
 
     def _wait_for_outcome(self, driver, attempt):
         """The article URL once the platform shows the article; else why not. A failure
         after the click may still have published (a lost response), so look first."""
-        def settled():
-            try:
-                if ARTICLE_URL.search(driver.current_url):
-                    return ('published', driver.current_url)
-                shown = driver.execute_script(SHOWN_ERROR_JS, SELECTORS['error'][0])
-            except WebDriverException:
-                driver.current_url  # raises again when the browser itself is gone
-                return None  # the page was navigating to the article: look again
-            return ('refused', *shown) if shown else None
-
-        outcome = wait_for(settled, min(60.0, attempt.seconds_left), 'the platform to answer the publish')
+        driver.set_script_timeout(min(60.0, attempt.seconds_left))
+        try:
+            outcome = driver.execute_async_script(OUTCOME_JS, SELECTORS['error'])
+        except WebDriverException:
+            outcome = None  # chromedriver ends the script with a timeout when the page leaves for the article
+        url = driver.current_url
+        if ARTICLE_URL.search(url):
+            return url
+        if outcome is None:
+            raise PublishError('gave up waiting for the platform to answer the publish')
         if outcome[0] == 'published':
             return outcome[1]
         code, message = outcome[1], outcome[2]
-        if code == 'not_logged_in':
-            raise LoginExpired(f'沙盒平台登录已失效：请在账号页更新 Cookie ({message})')
-        if code in REFUSALS:
-            reason, retryable = REFUSALS[code]
-            raise PublishError(f'{reason}: {message}', retryable=retryable, refused=True)
+        if code in REFUSALS or code == 'not_logged_in':
+            self._raise_refusal(code, message)
         earlier = self._find_published(driver, attempt)
         if earlier:
             return earlier
         raise PublishError(f'the platform did not publish the article: {message} ({code or "no code"})',
                            refused=True)
 
+    def _raise_refusal(self, code, message):
+        if code == 'not_logged_in':
+            raise LoginExpired(f'沙盒平台登录已失效：请在账号页更新 Cookie ({message})')
+        reason, retryable = REFUSALS.get(code, ('the platform refused the article', True))
+        raise PublishError(f'{reason}: {message}', retryable=retryable, refused=True)
+
     def _verify(self, driver, url, attempt):
         if driver.current_url != url:
             driver.get(url)
-        heading = wait_for(lambda: self._find(driver, 'article_title'), 10, 'the article page')
-        if heading.text.strip() != attempt.title.strip():
-            raise PublishError(f'the article page at {url} shows another title: {heading.text!r}')
+        heading = wait_for(lambda: driver.execute_script(TEXT_JS, SELECTORS['article_title']), 10, 'the article page')
+        if heading.strip() != attempt.title.strip():
+            raise PublishError(f'the article page at {url} shows another title: {heading!r}')
 
     def _find_published(self, driver, attempt):
         """The URL of this article if this account already published it (same title and
@@ -169,8 +228,9 @@ class SandboxPublisher(Publisher):
             created = datetime.datetime.fromisoformat(article['created_at']).replace(tzinfo=None)
             if article['title'] == attempt.title and created >= since:
                 driver.get(article['url'])
-                body = wait_for(lambda: self._find(driver, 'article_body'), 10, 'the earlier article')
-                if content.fingerprint(body.get_attribute('textContent')) == wanted:
+                body = wait_for(lambda: driver.execute_script(TEXT_JS, SELECTORS['article_body']), 10,
+                                'the earlier article')
+                if content.fingerprint(body) == wanted:
                     return article['url']
         return None
 
@@ -185,10 +245,6 @@ class SandboxPublisher(Publisher):
             if found:
                 return found[0]
         return None
-
-    def _visible(self, driver, name):
-        element = self._find(driver, name)
-        return element if element is not None and element.is_displayed() else None
 
     def _click(self, driver, name):
         element = self._find(driver, name)
