@@ -22,6 +22,7 @@ from the BREAKPAD_DUMP_LOCATION environment variable (without it they point at
 all, even after the worker itself died: `kill_browser_processes(browser_marker(...))`.
 """
 
+import collections
 import itertools
 import logging
 import multiprocessing.util
@@ -57,13 +58,22 @@ QUIT_TIMEOUT = 5.0
 WIPE_TIMEOUT = 15.0
 PROCESS_EXIT_TIMEOUT = 5.0
 LEASE_POLL = 0.25
-ADMISSION_POLL = 0.25
+ROOM_POLL = 0.25
+# A new browser is judged on the CPU over START_WINDOW seconds since the last start ended,
+# not on one short reading: working browsers leave brief gaps (all waiting on the platform
+# at once) that one more would not fill.
+START_WINDOW = 2.0
 
 _driver_numbers = itertools.count()
 
 
 class PoolTimeout(Exception):
     """acquire() found no driver it was allowed to hand out before its timeout."""
+
+
+class PoolBusy(Exception):
+    """The room reserve() found was gone when the browser was to start (another worker took
+    the last lease or started a browser meanwhile). Give the task back and wait for room."""
 
 
 class PoolClosed(Exception):
@@ -79,24 +89,28 @@ class WipeFailed(Exception):
 def lease_registry(manager, max_drivers):
     """The supervisor's one registry of browser leases, built from a started
     `multiprocessing.Manager()` before the workers are forked."""
-    return SharedLeases(manager.BoundedSemaphore(max_drivers), manager.dict(), manager.dict(), max_drivers)
+    return SharedLeases(manager.BoundedSemaphore(max_drivers), manager.dict(), manager.dict(), manager.dict(),
+                        manager.Value('d', 0.0), max_drivers)
 
 
 class SharedLeases:
     """Manager proxies shared by every pool on the machine: a semaphore of `max_drivers`
     leases, {pid: leases held} so the supervisor can return a dead worker's leases, and
-    {pid: drivers handed out} for CPU admission.
+    {pid: drivers handed out}, {pid: browsers starting} and when the last start ended
+    (time.monotonic(), one clock for every process on the machine) for admission.
 
     A worker only writes its own pid's entries. The semaphore is taken before the count goes
     up and the count goes down before the semaphore is given back, so a worker killed between
     the two steps can leak a lease (the cap shrinks by one) but never lets the cap be exceeded.
     """
 
-    def __init__(self, semaphore, held, working, max_drivers):
+    def __init__(self, semaphore, held, working, starting, last_start, max_drivers):
         self.max_drivers = max_drivers
         self._semaphore = semaphore
         self._held = held
         self._working = working
+        self._starting = starting
+        self._last_start = last_start
         self._new_lock()
 
     def _new_lock(self):
@@ -141,6 +155,7 @@ class SharedLeases:
         with self._lock:
             count = self._held.pop(pid, 0)
             self._working.pop(pid, None)
+            self._starting.pop(pid, None)
         for _ in range(count):
             self._semaphore.release()
         return count
@@ -150,21 +165,37 @@ class SharedLeases:
         return sum(self._held.values())
 
     def begin_work(self, pid):
-        """Count one more driver handed out by `pid`."""
-        with self._lock:
-            self._working[pid] = self._working.get(pid, 0) + 1
+        """Count one more driver handed out (or set aside for a task) by `pid`."""
+        self._count(self._working, pid, +1)
 
     def end_work(self, pid):
-        with self._lock:
-            count = self._working.get(pid, 0)
-            if count <= 1:
-                self._working.pop(pid, None)
-            else:
-                self._working[pid] = count - 1
+        self._count(self._working, pid, -1)
 
     def working(self):
         """Drivers handed out machine-wide (busy with a task, not idle in a pool)."""
         return sum(self._working.values())
+
+    def begin_start(self, pid):
+        """Count one more browser starting in `pid`."""
+        self._count(self._starting, pid, +1)
+
+    def end_start(self, pid):
+        self._count(self._starting, pid, -1)
+        self._last_start.value = time.monotonic()
+
+    def starting(self):
+        return sum(self._starting.values())
+
+    def seconds_since_last_start(self):
+        return time.monotonic() - self._last_start.value
+
+    def _count(self, counts, pid, step):
+        with self._lock:
+            count = counts.get(pid, 0) + step
+            if count <= 0:
+                counts.pop(pid, None)
+            else:
+                counts[pid] = count
 
 
 # -- CPU ---------------------------------------------------------------------------------
@@ -178,39 +209,60 @@ def read_cpu_times(path='/proc/stat'):
 
 
 class CpuSampler:
-    """Machine-wide CPU busy percent over roughly the last `window` seconds, from /proc/stat.
+    """Machine-wide CPU busy percent from /proc/stat, over the last `window` seconds or, when
+    asked, over a longer span (`over`): the busy share between the newest reading and the
+    newest one at least that much older.
 
-    One reading serves every caller for `window` seconds. When the previous reading is too
-    old to describe the present, the sampler waits one window for a fresh one; callers only
-    ask when the machine already runs as many drivers as it has CPUs.
+    One reading serves every caller for `window` seconds, and the readings of the last
+    `HISTORY` windows are kept for the longer spans. When the newest reading is too old to
+    describe the present, the sampler starts over and waits one window for a fresh one;
+    callers only ask when the machine already runs as many drivers as it has CPUs.
     """
+
+    HISTORY = 20
 
     def __init__(self, window=0.5, read=read_cpu_times, clock=time.monotonic, sleep=time.sleep):
         self.window = window
         self._read, self._clock, self._sleep = read, clock, sleep
         self._lock = threading.Lock()
-        self._last = None
-        self._percent = None
-        self._percent_at = None
+        self._readings = collections.deque(maxlen=self.HISTORY)
 
-    def __call__(self):
+    def __call__(self, over=None):
         with self._lock:
-            now = self._clock()
-            if self._percent is not None and now - self._percent_at < self.window:
-                return self._percent
-            if self._last is None or now - self._last[0] > 4 * self.window:
-                self._last = (now, self._read())
-                self._sleep(self.window)
-                now = self._clock()
-            (busy_before, total_before), (busy, total) = self._last[1], self._read()
+            self._refresh()
+            newest_at, (busy, total) = self._readings[-1]
+            span = max(over or 0.0, self.window)
+            base_at, (busy_before, total_before) = self._readings[0]
+            for reading_at, reading in reversed(self._readings):
+                if newest_at - reading_at >= span:
+                    busy_before, total_before = reading
+                    break
             elapsed_total = total - total_before
-            self._percent = 100.0 * (busy - busy_before) / elapsed_total if elapsed_total > 0 else 0.0
-            self._percent_at = now
-            self._last = (now, (busy, total))
-            return self._percent
+            return 100.0 * (busy - busy_before) / elapsed_total if elapsed_total > 0 else 0.0
+
+    def _refresh(self):
+        now = self._clock()
+        if not self._readings or now - self._readings[-1][0] > 4 * self.window:
+            self._readings.clear()
+            self._readings.append((now, self._read()))
+            self._sleep(self.window)
+            self._readings.append((self._clock(), self._read()))
+        elif now - self._readings[-1][0] >= self.window:
+            self._readings.append((now, self._read()))
 
 
 # -- the pool ------------------------------------------------------------------------------
+
+class Room:
+    """What `DriverPool.reserve()` set aside for one browser task: an idle browser of the
+    pool (`browser`), or leave to start one (`browser` is None). Used once, by acquire() or
+    cancel()."""
+    __slots__ = ('browser', 'spent')
+
+    def __init__(self, browser):
+        self.browser = browser
+        self.spent = False
+
 
 class _Browser:
     __slots__ = ('driver', 'folder', 'idle_since')
@@ -224,11 +276,12 @@ class _Browser:
 class DriverPool:
     """The browsers of one worker process, shared by its slot threads.
 
-    Create it after the fork, in the process that uses it. `acquire()` hands out an idle
-    healthy driver, or starts one under a machine-wide lease, or waits. Every driver goes back
-    through `release()` (wiped, then idle) or `discard()` (quit). Drivers idle for longer than
-    `idle_seconds` are quit by `quit_idle()`, which the worker calls now and then and which
-    acquire() and release() call on the way.
+    Create it after the fork, in the process that uses it. A worker slot first asks for room
+    (`reserve()`: an idle browser set aside, or leave to start one under a machine-wide lease),
+    then claims a task, then `acquire(room=...)`s its driver; `acquire()` without a room waits
+    for one. Every driver goes back through `release()` (wiped, then idle) or `discard()`
+    (quit). Drivers idle for longer than `idle_seconds` are quit by `quit_idle()`, which the
+    worker calls now and then and which acquire() and release() call on the way.
 
     `cpu_sampler` returns the machine's CPU busy percent (default: `CpuSampler()`), `cpus`
     the number of drivers always admitted (default: os.cpu_count()); both are here for tests.
@@ -248,93 +301,201 @@ class DriverPool:
         self._cpu_sampler = cpu_sampler or CpuSampler()
         self._cpus = cpus or os.cpu_count() or 1
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self._browsers = {}
         self._idle = []
+        self._reserved = set()
         self._handed_out = set()
         self._starting = 0
+        self._start_rooms = 0
         self._closed = False
 
     # -- handing drivers out -----------------------------------------------------------
 
-    def acquire(self, timeout=30):
-        """A driver for one task. Raises PoolTimeout when none may be handed out within
-        `timeout` seconds: the browser cap is reached, or the CPU stays busy. The timeout
-        bounds the waiting, not the start of a browser once it is allowed."""
+    def reserve(self):
+        """Room for one browser task right now, set aside for the caller, or None.
+
+        A worker slot asks before it claims a task, so that a task is taken only by a slot
+        that can run it at once (a task claimed and then kept waiting for a browser would be
+        better off in another worker). The room is an idle browser of this pool, or leave to
+        start one (see `_refuse_start`). Hand it to `acquire(room=...)` or back to `cancel()`.
+        When None, `wait_for_room()` and ask again.
+        """
+        room, _ = self._try_reserve()
+        return room
+
+    def _try_reserve(self):
+        """(room, None) or (None, why not)."""
         self._check_usable()
-        deadline = self._clock() + timeout
-        self._admit(timeout, deadline)
-        try:
-            browser = self._idle_or_new(timeout, deadline)
-        except BaseException:
+        with self._lock:
+            browser = self._idle.pop() if self._idle else None
+            if browser is not None:
+                self._reserved.add(browser)
+        if browser is not None:
+            refusal = self._refuse_work()
+            if refusal is None:
+                self._leases.begin_work(self.pid)
+                return Room(browser), None
+            self._back_to_idle(browser, since=browser.idle_since, wake=False)
+            return None, refusal
+        with self._lock:
+            local = len(self._browsers) + self._starting + self._start_rooms
+            if local >= self.max_drivers:
+                return None, (f'browser cap reached: this process has {local} browsers live or starting '
+                              f'(at most {self.max_drivers})')
+            self._start_rooms += 1
+        refusal = self._refuse_start()
+        if refusal is None:
+            return Room(None), None
+        with self._lock:
+            self._start_rooms -= 1
+        return None, refusal
+
+    def _refuse_work(self):
+        """Why a browser may not take one more task now, or None (see `_cpu_refusal`)."""
+        return self._cpu_refusal(self._leases.working())
+
+    def _refuse_start(self):
+        """Why a new browser may not start now, or None. A start costs ~1.4 CPU-seconds and
+        ~130 MB, so a browser starts only when no warm one could do the work instead: the
+        machine is under the cap, no browser idles in another worker (that worker takes the
+        task), no other browser is starting or just started (so its CPU shows before the next
+        start is decided), and the CPU over the last START_WINDOW seconds has room for one
+        more working driver (`_cpu_refusal`)."""
+        leases = self._leases
+        in_use = leases.in_use()
+        if in_use >= leases.max_drivers:
+            return (f'browser cap reached: {in_use} of the {leases.max_drivers} browser leases on this machine '
+                    f'are held')
+        working = leases.working()
+        if in_use > working:
+            return f'{in_use - working} browsers are idle in other worker processes; they take the work first'
+        if working >= self._cpus and (leases.starting() or leases.seconds_since_last_start() < START_WINDOW):
+            return 'another browser is starting or just started on this machine; its CPU shows before one more starts'
+        return self._cpu_refusal(working, over=START_WINDOW)
+
+    def _cpu_refusal(self, working, over=None):
+        """Why the CPU cannot take one more working driver beside `working`, or None.
+
+        The cap is a ceiling, not a target. Measured on 2 cores (bench/browser.py; browsers.md:
+        1.69 tasks/s with 4 browsers, 1.14 with 8), CPU-bound browser work goes fastest with
+        about two working browsers per core: fewer leave the CPU idle while tasks wait on the
+        platform, more add CPU per task and finish later. So up to two per core are always
+        admitted, and each one more only while the CPU would stay at most `cpu_busy_percent`
+        busy with it (busy x (n + 1) / n, over the last 0.5 s, or `over` seconds for a start):
+        work that waits on the network rather than the CPU.
+        """
+        if working < 2 * self._cpus:
+            return None
+        busy = self._cpu_sampler(over)
+        expected = busy * (working + 1) / working
+        if expected <= self.cpu_busy_percent:
+            return None
+        span = f'over the last {over:g} s ' if over else ''
+        return (f'CPU busy: {busy:.0f}% {span}with {working} drivers working on this machine; one more would '
+                f'take it to about {expected:.0f}% > {self.cpu_busy_percent}%')
+
+    def cancel(self, room):
+        """Give back a room that was not used (the claim found no task, or one that needs no
+        browser). Does nothing for a room already used or cancelled."""
+        if room is None or room.spent:
+            return
+        room.spent = True
+        if room.browser is None:
+            with self._room:
+                self._start_rooms -= 1
+                self._room.notify_all()
+            return
+        with self._lock:
+            still_reserved = room.browser in self._reserved
+        if still_reserved:
+            self._back_to_idle(room.browser, since=room.browser.idle_since)
             self._leases.end_work(self.pid)
-            raise
+
+    def wait_for_room(self, timeout):
+        """Sleep until a browser of this pool comes back or goes, or `timeout` seconds pass."""
+        with self._room:
+            self._room.wait(timeout)
+
+    def acquire(self, timeout=30, room=None):
+        """A driver for one task, from `room` (see `reserve`) or, without one, from the first
+        room that comes free within `timeout` seconds; PoolTimeout after that, saying why
+        (the cap, the CPU). With a room, PoolBusy when another worker took the last lease or
+        the start's turn meanwhile: give the task back and wait for room."""
+        self._check_usable()
+        if room is not None:
+            return self._take(room)
+        deadline = self._clock() + timeout
+        while True:
+            room = self._wait_for_reservation(timeout, deadline)
+            try:
+                return self._take(room)
+            except PoolBusy as busy:
+                if self._clock() >= deadline:
+                    raise PoolTimeout(f'waited {timeout:g} s for a browser: {busy}') from None
+                self.wait_for_room(ROOM_POLL)
+
+    def _take(self, room):
+        if room.spent:
+            raise ValueError('this room was already used or cancelled')
+        room.spent = True
+        if room.browser is not None:
+            browser = self._healthy(room.browser)
+            if browser is None:
+                browser = self._start_after_all(work_counted=True)
+        else:
+            with self._lock:
+                self._start_rooms -= 1
+            browser = self._start_after_all(work_counted=False)
+        with self._lock:
+            self._handed_out.add(browser)
         self.quit_idle()
         return browser.driver
 
-    def _admit(self, timeout, deadline):
-        """The cap is a ceiling, not a target. On 2 cores eight browsers working at once
-        publish slower than four (browsers.md: 1.14 vs 1.69 tasks/s), so a driver is handed
-        out only while the machine's CPU is at most `cpu_busy_percent` busy, except that
-        while fewer than `cpus` drivers work machine-wide one is always admitted, so work
-        always progresses whatever else loads the machine. Racing callers may overshoot
-        that floor by a driver or two; it is a minimum, not a cap. A waiting caller costs
-        one manager round trip per poll: the manager is shared by every worker."""
+    def _wait_for_reservation(self, timeout, deadline):
         while True:
-            working = self._leases.working()
-            busy = None if working < self._cpus else self._cpu_sampler()
-            if busy is None or busy <= self.cpu_busy_percent:
-                self._leases.begin_work(self.pid)
-                return
+            room, refusal = self._try_reserve()
+            if room is not None:
+                return room
             if self._clock() >= deadline:
-                raise PoolTimeout(
-                    f'CPU busy for {timeout:g} s: {busy:.0f}% > {self.cpu_busy_percent}% with '
-                    f'{working} drivers already working on this machine ({self._cpus} are always admitted)')
-            time.sleep(min(ADMISSION_POLL, max(0.0, deadline - self._clock())))
-            self._check_usable()
+                raise PoolTimeout(f'waited {timeout:g} s for a browser: {refusal}')
+            self.wait_for_room(min(ROOM_POLL, max(0.0, deadline - self._clock())))
 
-    def _idle_or_new(self, timeout, deadline):
-        while True:
-            browser = self._healthy_idle_browser() or self._new_browser(deadline)
-            if browser is not None:
-                with self._lock:
-                    self._handed_out.add(browser)
-                return browser
-            self._check_usable()
-            if self._clock() >= deadline:
-                raise PoolTimeout(
-                    f'browser cap reached: waited {timeout:g} s; {self._leases.in_use()} of the '
-                    f'{self._leases.max_drivers} browser leases on this machine are held, this process has '
-                    f'{len(self._browsers)} live browsers (at most {self.max_drivers}), {len(self._handed_out)} in use')
-
-    def _healthy_idle_browser(self):
-        while True:
-            with self._lock:
-                if not self._idle:
-                    return None
-                browser = self._idle.pop()
-            if is_healthy(browser.driver):
-                return browser
-            log.warning('an idle browser failed its health check; replacing it')
-            self._destroy(browser)
-
-    def _new_browser(self, deadline):
-        """Start a browser when this pool is under `max_drivers` and a machine-wide lease comes
-        free within one short poll; None otherwise, so the caller can look at idle ones again."""
-        wait = min(LEASE_POLL, max(0.0, deadline - self._clock()))
+    def _healthy(self, browser):
+        """The reserved idle browser, or None after quitting it when it failed its health check."""
         with self._lock:
-            room = len(self._browsers) + self._starting < self.max_drivers
-            if room:
-                self._starting += 1
-        if not room:
-            time.sleep(wait)
-            return None
+            self._reserved.discard(browser)
+        if is_healthy(browser.driver):
+            return browser
+        log.warning('an idle browser failed its health check; replacing it')
+        self._destroy(browser)
+        return None
+
+    def _start_after_all(self, work_counted):
+        """Start a browser for a room that had leave to start one (or whose idle browser was
+        dead). Between reserve() and now other workers may have started browsers too: the
+        start goes ahead only if it is still within the `cpus` floor or the only one starting,
+        and a lease comes free within a short poll; PoolBusy otherwise."""
+        if not work_counted:
+            self._leases.begin_work(self.pid)
+        self._leases.begin_start(self.pid)
+        with self._lock:
+            self._starting += 1
         try:
-            if not self._leases.take(self.pid, wait):
-                return None
+            working, starting = self._leases.working(), self._leases.starting()
+            if working > self._cpus and starting > 1:
+                raise PoolBusy(f'{starting} browsers are starting and {working} drivers work on this machine')
+            if not self._leases.take(self.pid, LEASE_POLL):
+                raise PoolBusy('another worker took the last browser lease')
             return self._start_browser()
+        except BaseException:
+            self._leases.end_work(self.pid)
+            raise
         finally:
-            with self._lock:
+            with self._room:
                 self._starting -= 1
+                self._room.notify_all()
+            self._leases.end_start(self.pid)
 
     def _start_browser(self):
         """Start a driver under the lease the caller holds; give the lease back if it fails."""
@@ -380,16 +541,25 @@ class DriverPool:
             log.warning('discarding a browser whose state could not be wiped: %s', error)
             self._destroy(browser)
         else:
-            with self._lock:
-                keep = not self._closed and id(driver) in self._browsers
-                if keep:
-                    browser.idle_since = self._clock()
-                    self._idle.append(browser)
-            if not keep:
-                self._destroy(browser)
+            self._back_to_idle(browser, since=self._clock())
         finally:
             self._leases.end_work(self.pid)
         self.quit_idle()
+
+    def _back_to_idle(self, browser, since, wake=True):
+        """Put a browser (back) among the idle ones, or quit it if the pool closed meanwhile.
+        `wake` the slots waiting for room, except when the CPU just refused it: they would
+        be refused too, and wake each other in a loop."""
+        with self._room:
+            self._reserved.discard(browser)
+            keep = not self._closed and id(browser.driver) in self._browsers
+            if keep:
+                browser.idle_since = since
+                self._idle.append(browser)
+                if wake:
+                    self._room.notify_all()
+        if not keep:
+            self._destroy(browser)
 
     def discard(self, driver):
         """Quit a driver that must not serve again (a task failed mid-way, the browser crashed)."""
@@ -422,15 +592,17 @@ class DriverPool:
 
     def close(self):
         """Quit every driver this pool owns, handed out or idle. The pool hands out no more."""
-        with self._lock:
+        with self._room:
             self._closed = True
             browsers = list(self._browsers.values())
-            handed_out = len(self._handed_out)
+            working = len(self._handed_out) + len(self._reserved)
             self._idle.clear()
             self._handed_out.clear()
+            self._reserved.clear()
+            self._room.notify_all()
         for browser in browsers:
             self._destroy(browser)
-        for _ in range(handed_out):
+        for _ in range(working):
             self._leases.end_work(self.pid)
         try:
             os.rmdir(self.marker)
@@ -440,7 +612,7 @@ class DriverPool:
     def stats(self):
         with self._lock:
             counts = {'live': len(self._browsers), 'leased': len(self._handed_out),
-                      'idle': len(self._idle), 'max': self.max_drivers}
+                      'idle': len(self._idle), 'reserved': len(self._reserved), 'max': self.max_drivers}
         return {**counts, 'leases_in_use': self._leases.in_use(), 'working': self._leases.working()}
 
     # -- ending a browser --------------------------------------------------------------------
@@ -458,6 +630,8 @@ class DriverPool:
         service = getattr(browser.driver, 'service', None)
         if service is not None and service.process is not None:
             service.process.poll()
+        with self._room:
+            self._room.notify_all()
 
     def _give_back_after_exit(self, folder):
         if folder is not None:

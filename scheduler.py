@@ -379,6 +379,14 @@ class Scheduler:
             return None
         return 'failed'
 
+    def give_back(self, task):
+        """Put a claimed task back, unattempted, at the head of its user's queue: the worker
+        found it had no browser for it after all, and another worker takes it."""
+        if not self.db.defer_attempt(task['task_id'], task['attempt'], 0):
+            return False
+        self._put_back(task['user_id'], task['task_id'])
+        return True
+
     def defer(self, task, delay):
         """Put a claimed task back, unattempted, to run in `delay` seconds."""
         if not self.db.defer_attempt(task['task_id'], task['attempt'], delay):

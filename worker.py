@@ -18,7 +18,7 @@ import redis
 
 from accounts import AccountError, AccountStore, load_secret_key
 from db import Database, DatabaseUnavailable
-from pool import DriverPool, PoolTimeout
+from pool import DriverPool, PoolBusy, PoolTimeout
 from publishers import load_publishers
 from publishers.base import (Attempt, AttemptCancelled, AttemptSuperseded, AttemptTimedOut,
                              PublishError)
@@ -28,6 +28,7 @@ from scheduler import Scheduler, connect_redis
 log = logging.getLogger('topn.worker')
 
 IDLE_WAIT = 1.0
+ROOM_WAIT = 0.25
 MAX_ERROR_BACKOFF = 5.0
 
 
@@ -66,23 +67,47 @@ class Worker:
 
     # -- one step --------------------------------------------------------------------
 
-    def run_once(self):
-        """Claim one task and publish it. True when a task was run."""
-        task = self.scheduler.claim(self.worker_id)
+    def run_one_step(self):
+        """A slot's step: reserve room for a browser, claim a task, publish it; or wait for
+        room or for work. A slot asks for browser room before it claims: a task claimed and
+        then kept waiting for a browser would sit idle while warm browsers idle in other
+        workers. Workers without shared browser leases (tests that run workers in threads,
+        without browsers) do not ask."""
+        room = None
+        if self.leases is not None:
+            room = self.driver_pool.reserve()
+            if room is None:
+                self.driver_pool.wait_for_room(ROOM_WAIT)
+                return
+        if not self.run_once(room):
+            self.scheduler.wait_for_work(IDLE_WAIT)
+
+    def run_once(self, room=None):
+        """Claim one task and publish it, using the browser `room` reserved for it if any.
+        True when a task was run."""
+        try:
+            task = self.scheduler.claim(self.worker_id)
+        except BaseException:
+            self._cancel_room(room)
+            raise
         if task is None:
+            self._cancel_room(room)
             return False
-        self.execute(task)
+        self.execute(task, room)
         return True
 
-    def execute(self, task):
+    def execute(self, task, room=None):
         task_id, number = task['task_id'], task['attempt']
         log.info('task %s attempt %s on %s: started', task_id, number, task['platform'])
         attempt = Attempt(task, self._progress_reporter(task_id, number), self.config.task_timeout,
                           remember_ref=lambda ref: self.db.set_platform_ref(task_id, number, ref))
         clean = False
         try:
-            url = self._publish(task, attempt)
+            url = self._publish(task, attempt, room)
             clean = True
+        except PoolBusy as busy:
+            self.scheduler.give_back(task)
+            log.info('task %s: given back unattempted, no browser after all (%s)', task_id, busy)
         except PacingDelay as delay:
             self.scheduler.defer(task, delay.seconds)
             log.info('task %s: the account must wait %.1f s between publishes; deferred', task_id, delay.seconds)
@@ -106,23 +131,26 @@ class Worker:
         else:
             self._record(self.scheduler.record_success, task, url)
         finally:
+            self._cancel_room(room)
             self._hand_back_driver(attempt, clean)
 
-    def _publish(self, task, attempt):
+    def _publish(self, task, attempt, room):
         publisher = self.publishers.get(task['platform'])
         if publisher is None:
             raise PublishError(f'this worker has no publisher for {task["platform"]!r}', retryable=False)
-        if publisher.needs_browser:
-            attempt.account = self._account(task, publisher)
-            interval = self.config.pacing_for(publisher.name)
-            if interval > 0:
-                wait = self.db.reserve_publish_slot(task['user_id'], publisher.name, interval)
-                if wait > 0:
-                    raise PacingDelay(wait)
-                attempt.set_submit_gate(
-                    lambda: self.db.claim_submit_moment(task['user_id'], publisher.name, interval))
-            attempt.driver = self._lease_driver()
-            attempt.progress(10)
+        if not publisher.needs_browser:
+            self._cancel_room(room)
+            return publisher.publish(attempt)
+        attempt.account = self._account(task, publisher)
+        interval = self.config.pacing_for(publisher.name)
+        if interval > 0:
+            wait = self.db.reserve_publish_slot(task['user_id'], publisher.name, interval)
+            if wait > 0:
+                raise PacingDelay(wait)
+            attempt.set_submit_gate(
+                lambda: self.db.claim_submit_moment(task['user_id'], publisher.name, interval))
+        attempt.driver = self._lease_driver(room)
+        attempt.progress(10)
         return publisher.publish(attempt)
 
     def _account(self, task, publisher):
@@ -135,11 +163,15 @@ class Worker:
                                'add its login cookies first', retryable=False)
         return account
 
-    def _lease_driver(self):
+    def _lease_driver(self, room):
         try:
-            return self.driver_pool.acquire(self.config.driver_acquire_timeout)
+            return self.driver_pool.acquire(self.config.driver_acquire_timeout, room=room)
         except PoolTimeout as error:
             raise PublishError(f'no browser was free: {error}') from None
+
+    def _cancel_room(self, room):
+        if room is not None:
+            self.driver_pool.cancel(room)
 
     def _save_evidence(self, attempt):
         if attempt.driver is None:
@@ -238,8 +270,7 @@ class Worker:
         failures = 0
         while not self.stopping.is_set():
             try:
-                if not self.run_once():
-                    self.scheduler.wait_for_work(IDLE_WAIT)
+                self.run_one_step()
                 failures = 0
             except (DatabaseUnavailable, redis.RedisError) as error:
                 failures += 1

@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 
 from conftest import free_port, wait_until
-from pool import (CpuSampler, DriverPool, PoolTimeout, browser_marker, kill_browser_processes, kill_until_gone,
+import pool as pool_module
+from pool import (CpuSampler, DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes, kill_until_gone,
                   lease_registry, visited_origins)
 
 USER_PAGE = b"""<!doctype html><title>loading</title><script>
@@ -95,7 +96,7 @@ def make_pool(browser_root):
     pools = []
 
     def make(leases, **settings):
-        settings.setdefault('cpu_sampler', lambda: 0.0)
+        settings.setdefault('cpu_sampler', lambda over=None: 0.0)
         pool = DriverPool(leases, browser_root=browser_root, instance=f'test{len(pools)}', **settings)
         pools.append(pool)
         return pool
@@ -197,8 +198,10 @@ def test_released_driver_is_reused_and_carries_nothing_of_the_previous_user(mana
 
 def _churn_drivers(leases, browser_root, report):
     """A worker process with 2 slot threads: one acquires, holds and releases a driver twice
-    (the second time it gets its own back), the other acquires, holds and discards one."""
-    pool = DriverPool(leases, max_drivers=3, browser_root=browser_root, instance='cap', cpu_sampler=lambda: 0.0)
+    (the second time it gets its own back), the other acquires, holds and discards one. With
+    cpus=8 CPU admission never holds a driver back: this is about the cap alone."""
+    pool = DriverPool(leases, max_drivers=3, browser_root=browser_root, instance='cap', cpus=8,
+                      cpu_sampler=lambda over=None: 0.0)
     done, errors = [], []
 
     def slot(rounds, give_back):
@@ -305,7 +308,7 @@ def test_idle_drivers_are_quit_after_idle_seconds(manager, make_pool):
 
     assert processes(pool.marker) == {}
     assert leases.in_use() == 0
-    assert pool.stats() == {'live': 0, 'leased': 0, 'idle': 0, 'max': 8, 'leases_in_use': 0, 'working': 0}
+    assert pool.stats() == {'live': 0, 'leased': 0, 'idle': 0, 'reserved': 0, 'max': 8, 'leases_in_use': 0, 'working': 0}
 
 
 def test_driver_whose_browser_was_killed_is_replaced_on_next_acquire(manager, make_pool):
@@ -329,7 +332,7 @@ def test_driver_whose_browser_was_killed_is_replaced_on_next_acquire(manager, ma
 
 
 def _start_two_drivers_and_hang(leases, browser_root, report):
-    pool = DriverPool(leases, browser_root=browser_root, instance='orphans', cpu_sampler=lambda: 0.0)
+    pool = DriverPool(leases, browser_root=browser_root, instance='orphans', cpu_sampler=lambda over=None: 0.0)
     pool.acquire()
     pool.acquire()
     report.put('ready')
@@ -377,18 +380,20 @@ def test_closed_pool_leaves_no_processes(manager, make_pool):
 
 # -- CPU admission --------------------------------------------------------------------------------
 
-def test_busy_cpu_admits_up_to_cpu_count_drivers_and_idle_cpu_up_to_max_drivers(manager, make_pool):
+def test_two_drivers_per_core_always_work_and_more_only_while_the_cpu_has_room_for_them(
+        manager, make_pool, monkeypatch):
+    monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
     leases = lease_registry(manager, 3)
     reading = {'percent': 99.0, 'samples': 0}
 
-    def sampler():
+    def sampler(over=None):
         reading['samples'] += 1
         return reading['percent']
 
-    pool = make_pool(leases, max_drivers=3, cpus=2, cpu_busy_percent=85, cpu_sampler=sampler)
+    pool = make_pool(leases, max_drivers=3, cpus=1, cpu_busy_percent=85, cpu_sampler=sampler)
     first, second = pool.acquire(), pool.acquire()
-    assert reading['samples'] == 0, 'below cpu_count the CPU is not even looked at'
-    with pytest.raises(PoolTimeout, match='CPU busy'):
+    assert reading['samples'] == 0, 'up to two drivers per core the CPU is not even looked at'
+    with pytest.raises(PoolTimeout, match=r'CPU busy: 99% .*with 2 drivers working.*about 148% > 85%'):
         pool.acquire(timeout=0.3)
     assert leases.in_use() == 2
 
@@ -397,7 +402,7 @@ def test_busy_cpu_admits_up_to_cpu_count_drivers_and_idle_cpu_up_to_max_drivers(
     thread.start()
     samples = reading['samples']
     wait_until(lambda: reading['samples'] > samples + 1, timeout=5, message='acquire() to wait on the CPU')
-    reading['percent'] = 20.0
+    reading['percent'] = 50.0  # the third would take it to about 75%
     thread.join(20)
     assert waiting['driver'] not in (first, second)
     assert leases.in_use() == 3
@@ -405,6 +410,62 @@ def test_busy_cpu_admits_up_to_cpu_count_drivers_and_idle_cpu_up_to_max_drivers(
     with pytest.raises(PoolTimeout, match='browser cap reached'):
         pool.acquire(timeout=0.3)
     assert pool.stats()['working'] == 3
+
+
+def test_an_idle_browser_in_another_worker_is_used_before_a_new_one_starts(manager, make_pool):
+    leases = lease_registry(manager, 4)
+    worker_a, worker_b = make_pool(leases), make_pool(leases)
+    worker_a.release(worker_a.acquire())
+
+    assert worker_b.reserve() is None
+    with pytest.raises(PoolTimeout, match='1 browsers are idle in other worker processes'):
+        worker_b.acquire(timeout=0.3)
+    room = worker_a.reserve()
+    assert room is not None and room.browser is not None
+    worker_a.cancel(room)
+    assert leases.in_use() == 1
+    assert leases.working() == 0
+
+
+def test_a_new_browser_waits_until_the_last_start_shows_in_the_cpu(manager, make_pool, monkeypatch):
+    monkeypatch.setattr(pool_module, 'START_WINDOW', 30.0)
+    leases = lease_registry(manager, 4)
+    pool = make_pool(leases, cpus=1)
+    pool.acquire(), pool.acquire()
+
+    with pytest.raises(PoolTimeout, match='another browser is starting or just started'):
+        pool.acquire(timeout=0.3)
+    assert leases.in_use() == 2
+
+
+def test_a_reserved_idle_browser_is_set_aside_until_used_or_cancelled(manager, make_pool):
+    leases = lease_registry(manager, 2)
+    pool = make_pool(leases)
+    driver = pool.acquire()
+    pool.release(driver)
+
+    room = pool.reserve()
+    assert room.browser is not None
+    assert pool.stats()['idle'] == 0 and pool.stats()['reserved'] == 1
+    assert leases.working() == 1, 'a reserved browser counts as working machine-wide'
+    assert pool.acquire(room=room) is driver
+    pool.cancel(room)  # spent: nothing happens
+    assert pool.stats()['leased'] == 1 and pool.stats()['reserved'] == 0
+    pool.release(driver)
+    assert leases.working() == 0
+
+
+def test_a_start_room_whose_lease_another_worker_took_raises_pool_busy(manager, make_pool):
+    leases = lease_registry(manager, 1)
+    pool, other_worker = make_pool(leases), make_pool(leases)
+    room = pool.reserve()
+    assert room is not None and room.browser is None
+    other_worker.acquire()
+
+    with pytest.raises(PoolBusy, match='took the last browser lease'):
+        pool.acquire(room=room)
+    assert leases.working() == 1
+    assert pool.stats()['live'] == 0
 
 
 def test_cpu_sampler_reads_proc_stat_once_per_window():
