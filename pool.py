@@ -179,9 +179,10 @@ class SharedLeases:
         """Count one more browser starting in `pid`."""
         self._count(self._starting, pid, +1)
 
-    def end_start(self, pid):
+    def end_start(self, pid, started=True):
         self._count(self._starting, pid, -1)
-        self._last_start.value = time.monotonic()
+        if started:
+            self._last_start.value = time.monotonic()
 
     def starting(self):
         return sum(self._starting.values())
@@ -442,11 +443,11 @@ class DriverPool:
         if room.browser is not None:
             browser = self._healthy(room.browser)
             if browser is None:
-                browser = self._start_after_all(work_counted=True)
+                browser = self._start_for_room(work_counted=True)
         else:
             with self._lock:
                 self._start_rooms -= 1
-            browser = self._start_after_all(work_counted=False)
+            browser = self._start_for_room(work_counted=False)
         with self._lock:
             self._handed_out.add(browser)
         self.quit_idle()
@@ -471,7 +472,7 @@ class DriverPool:
         self._destroy(browser)
         return None
 
-    def _start_after_all(self, work_counted):
+    def _start_for_room(self, work_counted):
         """Start a browser for a room that had leave to start one (or whose idle browser was
         dead). Between reserve() and now other workers may have started browsers too: the
         start goes ahead only if it is still within the `cpus` floor or the only one starting,
@@ -481,13 +482,16 @@ class DriverPool:
         self._leases.begin_start(self.pid)
         with self._lock:
             self._starting += 1
+        started = False
         try:
             working, starting = self._leases.working(), self._leases.starting()
             if working > self._cpus and starting > 1:
                 raise PoolBusy(f'{starting} browsers are starting and {working} drivers work on this machine')
             if not self._leases.take(self.pid, LEASE_POLL):
                 raise PoolBusy('another worker took the last browser lease')
-            return self._start_browser()
+            browser = self._start_browser()
+            started = True
+            return browser
         except BaseException:
             self._leases.end_work(self.pid)
             raise
@@ -495,7 +499,7 @@ class DriverPool:
             with self._room:
                 self._starting -= 1
                 self._room.notify_all()
-            self._leases.end_start(self.pid)
+            self._leases.end_start(self.pid, started)
 
     def _start_browser(self):
         """Start a driver under the lease the caller holds; give the lease back if it fails."""
