@@ -3,7 +3,8 @@ and a heartbeat thread that renews the leases of the tasks this process holds.
 
 The supervisor forks it; it opens its own MySQL and Redis connections after the fork.
 SIGTERM only sets a flag: the slots stop claiming, finish what they hold, and the
-process exits. `run_once()` is one claim-and-publish step, callable from a test.
+process exits. `run_one_step()` is one slot step (browser room, claim, publish) and
+`run_once()` one claim-and-publish, both callable from a test.
 """
 
 import logging
