@@ -7,9 +7,12 @@ browser starts and given back only once the browser has quit and its processes a
 at most `max_drivers` browsers exist on the machine whatever the workers do, and the
 supervisor can return the leases of a worker that was SIGKILLed (`release_all_of`).
 
-Each worker process owns one `DriverPool`, shared by its slot threads. A driver serves one
-task at a time: `acquire()` it, publish, then `release()` it (its cookies, storage and extra
-windows are wiped and it goes back to idle) or `discard()` it after a failure mid-task.
+Each worker process owns one `DriverPool`, shared by its slot threads. A slot `reserve()`s
+room before it claims a task (an idle browser set aside, or leave to start one; the rules
+for starting and for CPU admission are in `_refuse_start` and `_cpu_refusal`), then
+`acquire()`s its driver with that room, publishes, and `release()`s it (its cookies, storage
+and extra windows are wiped and it goes back to idle) or `discard()`s it after a failure
+mid-task. A driver serves one task at a time.
 
 Finding a worker's browser processes. Chromium's children re-parent to init (zygotes linger
 ~2 s after `quit()`, crashpad handlers always), so walking the process tree from the worker
