@@ -55,7 +55,8 @@ const first = selectors => {
 };
 const shownError = selectors => {
   const error = first(selectors);
-  return error && !error.hidden && error.textContent.trim() ? [error.dataset.code || '', error.textContent.trim()] : null;
+  if (!error || error.hidden || !error.textContent.trim()) return null;
+  return [error.dataset.code || '', error.textContent.trim()];
 };
 """
 EDITOR_STATE_JS = FIRST_MATCH + """

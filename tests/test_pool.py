@@ -19,8 +19,8 @@ import pytest
 
 from conftest import free_port, wait_until
 import pool as pool_module
-from pool import (CpuSampler, DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes, kill_until_gone,
-                  lease_registry, visited_origins)
+from pool import (CpuSampler, DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes,
+                  kill_until_gone, lease_registry, visited_origins)
 
 USER_PAGE = b"""<!doctype html><title>loading</title><script>
 document.cookie = 'user_' + location.port + '=A; max-age=3600; path=/';
@@ -308,7 +308,8 @@ def test_idle_drivers_are_quit_after_idle_seconds(manager, make_pool):
 
     assert processes(pool.marker) == {}
     assert leases.in_use() == 0
-    assert pool.stats() == {'live': 0, 'leased': 0, 'idle': 0, 'reserved': 0, 'max': 8, 'leases_in_use': 0, 'working': 0}
+    assert pool.stats() == {'live': 0, 'leased': 0, 'idle': 0, 'reserved': 0, 'max': 8, 'leases_in_use': 0,
+                            'working': 0}
 
 
 def test_driver_whose_browser_was_killed_is_replaced_on_next_acquire(manager, make_pool):
