@@ -62,6 +62,7 @@ WIPE_TIMEOUT = 15.0
 PROCESS_EXIT_TIMEOUT = 5.0
 LEASE_POLL = 0.25
 ROOM_POLL = 0.25
+COUNTS_MAX_AGE = 0.05
 # A new browser is judged on the CPU over START_WINDOW seconds since the last start ended,
 # not on one short reading: working browsers leave brief gaps (all waiting on the platform
 # at once) that one more would not fill.
@@ -306,6 +307,9 @@ class DriverPool:
         self._cpus = cpus or os.cpu_count() or 1
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
+        self._counts_lock = threading.Lock()
+        self._counts = (0, 0)
+        self._counts_at = None
         self._browsers = {}
         self._idle = []
         self._reserved = set()
@@ -357,7 +361,18 @@ class DriverPool:
 
     def _refuse_work(self):
         """Why a browser may not take one more task now, or None (see `_cpu_refusal`)."""
-        return self._cpu_refusal(self._leases.working())
+        return self._cpu_refusal(self._machine_counts()[1])
+
+    def _machine_counts(self):
+        """(leases in use, drivers working) machine-wide, at most COUNTS_MAX_AGE old. Every
+        slot asks before every claim, tasks without a browser included, and each count is a
+        round trip to the one manager process; a start re-reads them fresh (`_start_for_room`)."""
+        with self._counts_lock:
+            now = self._clock()
+            if self._counts_at is None or now - self._counts_at > COUNTS_MAX_AGE:
+                self._counts = (self._leases.in_use(), self._leases.working())
+                self._counts_at = now
+            return self._counts
 
     def _refuse_start(self):
         """Why a new browser may not start now, or None. A start costs ~1.4 CPU-seconds and
@@ -367,11 +382,10 @@ class DriverPool:
         start is decided), and the CPU over the last START_WINDOW seconds has room for one
         more working driver (`_cpu_refusal`)."""
         leases = self._leases
-        in_use = leases.in_use()
+        in_use, working = self._machine_counts()
         if in_use >= leases.max_drivers:
             return (f'browser cap reached: {in_use} of the {leases.max_drivers} browser leases on this machine '
                     f'are held')
-        working = leases.working()
         if in_use > working:
             return f'{in_use - working} browsers are idle in other worker processes; they take the work first'
         if working >= self._cpus and (leases.starting() or leases.seconds_since_last_start() < START_WINDOW):
