@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import pathlib
 import signal
@@ -158,6 +159,15 @@ def articles(n, prefix='article'):
 
 def batch(n, platform='noop', prefix='article', **extra):
     return {'platform': platform, 'articles': articles(n, prefix), **extra}
+
+
+# -- browser leases -------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def manager():
+    """A started multiprocessing manager, as the supervisor starts one for the browser leases."""
+    with multiprocessing.get_context('fork').Manager() as started:
+        yield started
 
 
 # -- a browser of the test's own -----------------------------------------------------------

@@ -6,7 +6,6 @@ and publishes without using it; what is under test is when the slot claims.
 """
 
 import dataclasses
-import multiprocessing
 
 import pytest
 
@@ -30,12 +29,6 @@ class BrowserPlatform(Publisher):
         attempt.mark_submitted()
         self.published.append(attempt.task_id)
         return f'https://platform.test/p/{attempt.task_id}'
-
-
-@pytest.fixture(scope='module')
-def manager():
-    with multiprocessing.get_context('fork').Manager() as started:
-        yield started
 
 
 @pytest.fixture

@@ -74,12 +74,6 @@ def origins():
         server.server_close()
 
 
-@pytest.fixture(scope='module')
-def manager():
-    with multiprocessing.get_context('fork').Manager() as started:
-        yield started
-
-
 @pytest.fixture
 def browser_root(tmp_path):
     """Where this test's browsers live; after the test, none of their processes may be left."""
