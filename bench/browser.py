@@ -78,6 +78,7 @@ IDLE_SETTLE_SECONDS = 1.0
 IDLE_MEASURE_SECONDS = 3.0
 AFTER_COMPLETION_SECONDS = 1.0
 SAMPLE_INTERVAL = 0.5
+TIMELINE_STEP = 2.0
 PSS_MAX_AGE = 5.0
 PSS_REREAD_RSS_KB = 2048
 PSS_REREAD_RSS_FRACTION = 0.02
@@ -136,6 +137,8 @@ NOTES = {
                                           'including other users of the machine',
     'limit_latency_bound_seconds / limit_cpu_bound_seconds': 'the two terms of limit_seconds',
     'details.*.mean_concurrency': 'sum of task run times (started_at -> completed_at) / wall_seconds',
+    'details.*.running_tasks_by_second': f'mean running tasks in each {TIMELINE_STEP:g} s from the first '
+                                         'submit: the ramp-up, the steady state and the tail',
     'details.*.task_run_seconds_*': 'started_at -> completed_at of the tasks, waiting for a browser (cap, CPU '
                                     'admission, start-up) included',
     'details.*.failed_attempts': 'attempts that did not succeed, by outcome and first line of their error; '
@@ -689,7 +692,23 @@ def timeline_figures(rows, articles):
     if not before:
         return {}
     return {'before_publish_s_p50': round(statistics.median(before), 3),
-            'after_publish_s_p50': round(statistics.median(after), 3)}
+            'after_publish_s_p50': round(statistics.median(after), 3),
+            'running_tasks_by_second': running_by_second(rows)}
+
+
+def running_by_second(rows, step=TIMELINE_STEP):
+    """Mean number of running tasks in each `step` seconds from the first submit: where the
+    batch ramps up, runs full, or idles."""
+    start = min(timestamp(row['created_at']) for row in rows)
+    spans = [(timestamp(row['started_at']) - start, timestamp(row['completed_at']) - start)
+             for row in rows if row['started_at'] and row['completed_at']]
+    end = max(stop for _, stop in spans)
+    buckets = []
+    for first in range(0, int(end / step) + 1):
+        low, high = first * step, (first + 1) * step
+        busy = sum(max(0.0, min(stop, high) - max(begin, low)) for begin, stop in spans)
+        buckets.append(round(busy / step, 1))
+    return buckets
 
 
 # -- single warm tasks --------------------------------------------------------------------------
