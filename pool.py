@@ -293,7 +293,8 @@ class DriverPool:
     worker calls now and then and which acquire() and release() call on the way.
 
     `cpu_sampler` returns the machine's CPU busy percent (default: `CpuSampler()`), `cpus`
-    the number of drivers always admitted (default: os.cpu_count()); both are here for tests.
+    the number of CPUs (default: os.cpu_count()), twice which drivers are always admitted;
+    both are here for tests.
     """
 
     def __init__(self, leases, *, max_drivers=8, idle_seconds=300, webdriver_url=None,
@@ -308,7 +309,7 @@ class DriverPool:
         self._leases = leases
         self._clock = clock
         self._cpu_sampler = cpu_sampler or CpuSampler()
-        self._cpus = cpus or os.cpu_count() or 1
+        self._always_admitted = 2 * (cpus or os.cpu_count() or 1)
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._counts_lock = threading.Lock()
@@ -379,12 +380,14 @@ class DriverPool:
             return self._counts
 
     def _refuse_start(self):
-        """Why a new browser may not start now, or None. A start costs ~1.4 CPU-seconds and
+        """Why a new browser may not start now, or None. A start costs ~1 CPU-second and
         ~130 MB, so a browser starts only when no warm one could do the work instead: the
-        machine is under the cap, no browser idles in another worker (that worker takes the
-        task), no other browser is starting or just started (so its CPU shows before the next
-        start is decided), and the CPU over the last START_WINDOW seconds has room for one
-        more working driver (`_cpu_refusal`)."""
+        machine is under the cap and no browser idles in another worker (that worker takes the
+        task). Up to the drivers always admitted (`_cpu_refusal`), browsers start at once, side
+        by side: a batch gets going without waiting on one start after another. Beyond that
+        the CPU decides, so no other browser may be starting or have just started (its CPU
+        must show first), and the CPU over the last START_WINDOW seconds must have room for
+        one more working driver."""
         leases = self._leases
         in_use, working = self._machine_counts()
         if in_use >= leases.max_drivers:
@@ -392,7 +395,8 @@ class DriverPool:
                     f'are held')
         if in_use > working:
             return f'{in_use - working} browsers are idle in other worker processes; they take the work first'
-        if working >= self._cpus and (leases.starting() or leases.seconds_since_last_start() < START_WINDOW):
+        if working >= self._always_admitted and (leases.starting() or
+                                                 leases.seconds_since_last_start() < START_WINDOW):
             return 'another browser is starting or just started on this machine; its CPU shows before one more starts'
         return self._cpu_refusal(working, over=START_WINDOW)
 
@@ -407,7 +411,7 @@ class DriverPool:
         busy with it (busy x (n + 1) / n, over the last 0.5 s, or `over` seconds for a start):
         work that waits on the network rather than the CPU.
         """
-        if working < 2 * self._cpus:
+        if working < self._always_admitted:
             return None
         busy = self._cpu_sampler(over)
         expected = busy * (working + 1) / working
@@ -496,8 +500,8 @@ class DriverPool:
     def _start_for_room(self, work_counted):
         """Start a browser for a room that had leave to start one (or whose idle browser was
         dead). Between reserve() and now other workers may have started browsers too: the
-        start goes ahead only if it is still within the `cpus` floor or the only one starting,
-        and a lease comes free within a short poll; PoolBusy otherwise."""
+        start goes ahead only if it is still within the drivers always admitted or the only
+        one starting, and a lease comes free within a short poll; PoolBusy otherwise."""
         if not work_counted:
             self._leases.begin_work(self.pid)
         self._leases.begin_start(self.pid)
@@ -506,7 +510,7 @@ class DriverPool:
         started = False
         try:
             working, starting = self._leases.working(), self._leases.starting()
-            if working > self._cpus and starting > 1:
+            if working > self._always_admitted and starting > 1:
                 raise PoolBusy(f'{starting} browsers are starting and {working} drivers work on this machine')
             if not self._leases.take(self.pid, LEASE_POLL):
                 raise PoolBusy('another worker took the last browser lease')
