@@ -7,11 +7,11 @@ Chromium itself does on two cores.
 
 One process, one `DriverPool` (pool.py: the same browser flags, acquire with its health
 check, release with its wipe) and the `sandbox` publisher, driven by N threads that each
-hold one browser: no supervisor, no workers, no MySQL, no Redis, no lease manager, no CPU
-admission. The sandbox answers each publish after 500 ms, as in bench/browser.py. Tasks go
-to 10 sandbox accounts in turn, so consecutive tasks of a browser belong to different
-accounts and every wipe has something to clear. Every browser does one task first, so
-start-up is not measured.
+hold one browser: no supervisor, no workers, no MySQL, no Redis, no CPU admission (the
+lease registry is there, as the pool needs it). The sandbox answers each publish after
+500 ms, as in bench/browser.py. Tasks go to 10 sandbox accounts in turn, so consecutive
+tasks of a browser belong to different accounts and every wipe has something to clear.
+Every browser does one task first, so start-up is not measured.
 
 Per run, on fresh browsers and a fresh sandbox:
 - alone: `--alone` tasks one at a time on one warm browser. Their CPU-seconds (this
@@ -111,7 +111,7 @@ class Bench:
         ticks = round((own.user + own.system) * CLOCK_TICKS)
         helpers = {self.sandbox.process.pid, self.manager._process.pid}
         for proc in list_processes().values():
-            if pool_marker(driver_pool) in proc.cmdline or proc.pid in helpers:
+            if driver_pool.marker.encode() in proc.cmdline or proc.pid in helpers:
                 ticks += proc.ticks
         return ticks
 
@@ -120,12 +120,11 @@ class Bench:
         driver_pool = self.new_pool(browsers)
         try:
             all_acquired = threading.Barrier(browsers)
-            self.in_threads(browsers, lambda: self.one_task(driver_pool, all_acquired))
+            self.in_threads(browsers, lambda n: self.one_task(driver_pool, all_acquired))
             per_thread = [tasks // browsers + (1 if n < tasks % browsers else 0) for n in range(browsers)]
             machine_before, ticks_before = machine_cpu_ticks(), self.cpu_ticks(driver_pool)
             started = time.monotonic()
-            self.in_threads(browsers, lambda n: [self.one_task(driver_pool) for _ in range(per_thread[n])],
-                            numbered=True)
+            self.in_threads(browsers, lambda n: [self.one_task(driver_pool) for _ in range(per_thread[n])])
             wall = time.monotonic() - started
             cpu = (self.cpu_ticks(driver_pool) - ticks_before) / CLOCK_TICKS
             busy = busy_percent(machine_before, machine_cpu_ticks())
@@ -136,12 +135,13 @@ class Bench:
                 'machine_cpu_busy_percent': busy}
 
     @staticmethod
-    def in_threads(count, work, numbered=False):
+    def in_threads(count, work):
+        """work(n) in `count` threads at once, n = 0 .. count - 1; raises if any failed."""
         errors = []
 
         def run(number):
             try:
-                work(number) if numbered else work()
+                work(number)
             except BaseException as error:
                 errors.append(error)
 
@@ -152,10 +152,6 @@ class Bench:
             thread.join()
         if errors:
             raise RuntimeError(f'{len(errors)} of {count} threads failed; the first: {errors[0]!r}') from errors[0]
-
-
-def pool_marker(driver_pool):
-    return driver_pool.marker.encode()
 
 
 def run_once(args):
