@@ -6,6 +6,7 @@ import collections
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -114,6 +115,13 @@ def chromedrivers(tmp_path):
     return [pid for pid in drivers if parent_of(pid) not in drivers]
 
 
+def answers(url):
+    try:
+        return http('GET', url)[0] == 200
+    except OSError:
+        return False
+
+
 def parent_of(pid):
     try:
         with open(f'/proc/{pid}/stat') as stat:
@@ -162,6 +170,31 @@ def test_never_more_chromedrivers_than_the_cap_and_none_left_after_stop(
     assert 1 <= peak[0] <= 3
     assert service.stop() == 0
     assert browser_processes(tmp_path) == {}
+
+
+def test_publishes_through_a_remote_webdriver_url(browser_service, sandbox_user, sandbox_platform, tmp_path):
+    """TOPN_WEBDRIVER_URL: the browsers live behind a WebDriver endpoint (here a chromedriver
+    on a port), and every DevTools step of the publisher goes through that endpoint."""
+    port = free_port()
+    chromedriver = subprocess.Popen(['/usr/bin/chromedriver', f'--port={port}'], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: answers(f'http://127.0.0.1:{port}/status'), timeout=10,
+                   message='the remote chromedriver to answer')
+        service = browser_service(TOPN_WEBDRIVER_URL=f'http://127.0.0.1:{port}', TOPN_WORKERS=1)
+        alice = sandbox_user('alice')
+        task_ids = create(service, alice, batch(2, platform='sandbox'))
+
+        found = wait_until(lambda: all_finished(service, alice, task_ids), timeout=90, message='the batch')
+
+        assert [t['status'] for t in found] == ['success', 'success'], found
+        assert sorted((a['account'], a['title']) for a in sandbox_platform.articles()) == [
+            ('alice', 'article 0'), ('alice', 'article 1')]
+        assert browser_processes(tmp_path) == {}, 'the workers started browsers of their own'
+        assert service.stop() == 0
+    finally:
+        chromedriver.kill()
+        chromedriver.wait()
 
 
 def test_idle_browsers_are_quit_after_the_idle_timeout(browser_service, sandbox_user, tmp_path):
