@@ -11,12 +11,11 @@ import json
 import re
 
 from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.common.by import By
 
 from accounts import parse_cookies
 from publishers import content
 from publishers.base import LoginExpired, Publisher, PublishError
-from publishers.browser import fetch, import_cookies, wait_for
+from publishers.browser import click, fetch, import_cookies, wait_for
 
 PATHS = {
     'write': '/write',
@@ -127,10 +126,10 @@ class SandboxPublisher(Publisher):
             self._open_editor(driver)
         self._fill(driver, attempt)
         attempt.progress(60)
-        self._click(driver, 'publish')
+        click(driver, SELECTORS['publish'], 'publish button')
         self._expect_confirm_dialog(driver)
         attempt.mark_submitted()
-        self._click(driver, 'confirm')
+        click(driver, SELECTORS['confirm'], 'confirm button')
         attempt.progress(85)
         url = self._wait_for_outcome(driver, attempt)
         self._verify(driver, url, attempt)
@@ -234,22 +233,3 @@ class SandboxPublisher(Publisher):
                 if content.fingerprint(body) == wanted:
                     return article['url']
         return None
-
-    # -- the selector table ------------------------------------------------------------
-
-    def _find(self, driver, name):
-        for selector in SELECTORS[name]:
-            try:
-                found = driver.find_elements(By.CSS_SELECTOR, selector)
-            except WebDriverException:
-                found = []
-            if found:
-                return found[0]
-        return None
-
-    def _click(self, driver, name):
-        element = self._find(driver, name)
-        if element is None:
-            raise PublishError(f'the page has no {name} button any more ({", ".join(SELECTORS[name])}); '
-                               'the platform may have changed its page')
-        element.click()
