@@ -16,8 +16,8 @@ platform, all at once, through the JSON API (`POST /api/publish/create_batch`), 
    their median time alone and CPU-seconds (utime+stime over the service, its browsers, the
    sandbox, mysqld and redis-server, from just before the submit until the task's browser is
    back in the pool: through completion, plus the wipe of the browser that follows it, i.e.
-   the CPU of the AFTER_COMPLETION_SECONDS after completion minus the idle rate) give the
-   machine's limit for the workload:
+   the CPU of the AFTER_COMPLETION_SECONDS after completion minus the idle rate; the mean over
+   WARM_PROBES tasks) give the machine's limit for the workload:
        limit_seconds = max(tasks / drivers * warm_task_seconds, tasks * warm_task_cpu_seconds / nproc)
    Every task of the workload must wipe its browser (no user's state may reach the next),
    so that CPU is part of the work; the figures until completion alone are reported too
@@ -71,7 +71,10 @@ SET_BY_BENCHMARK = ('TOPN_MYSQL_URL', 'TOPN_REDIS_URL', 'TOPN_REDIS_PREFIX', 'TO
                     'TOPN_SANDBOX_URL', 'TOPN_SANDBOX_BIND', 'TOPN_BROWSER_ROOT', 'TOPN_STATE_DIR',
                     'TOPN_SECRET_KEY')
 PUBLISH_LATENCY_MS = 500
-WARM_PROBES = 5
+# Each probe's CPU is a sum of 10 ms ticks over a dozen processes, so one probe reads up to
+# ~0.1 CPU-s off either way; the CPU figures are the mean over WARM_PROBES (5 probes' median
+# moved by 20 % from run to run on unchanged code).
+WARM_PROBES = 12
 PROBE_POLL = 0.025
 PROBE_TIMEOUT = 120.0
 IDLE_SETTLE_SECONDS = 1.0
@@ -103,7 +106,7 @@ NOTES = {
     'articles_published': "articles the sandbox's /api/articles held after the main workload (want: tasks)",
     'duplicates': 'articles beyond one per title on the sandbox after the main workload (want: 0)',
     'warm_task_seconds': 'median over single tasks run one at a time with warm browsers: created_at -> completed_at',
-    'warm_task_cpu_seconds': 'median over the same single tasks: utime+stime deltas summed over the service '
+    'warm_task_cpu_seconds': 'mean over the same single tasks: utime+stime deltas summed over the service '
                              'processes, every process with the browser marker, the sandbox, mysqld and '
                              'redis-server, from just before the submit until the browser is back in the pool '
                              '(CPU until completion was seen, plus details.warm.after_completion_cpu_seconds: '
@@ -744,13 +747,13 @@ def measure_warm_tasks(phase, token):
         raise RuntimeError(f'no single warm task succeeded: {probes}')
     return {
         'warm_task_seconds': round(statistics.median(p['seconds'] for p in succeeded), 3),
-        'warm_task_cpu_seconds': round(statistics.median(
+        'warm_task_cpu_seconds': round(statistics.mean(
             p['cpu']['total'] + p['after_completion_cpu_seconds'] for p in succeeded), 3),
-        'warm_task_cpu_seconds_until_completion': round(statistics.median(p['cpu']['total'] for p in succeeded), 3),
-        'warm_task_cpu_seconds_by_group': {g: round(statistics.median(p['cpu']['by_group'][g] for p in succeeded), 3)
+        'warm_task_cpu_seconds_until_completion': round(statistics.mean(p['cpu']['total'] for p in succeeded), 3),
+        'warm_task_cpu_seconds_by_group': {g: round(statistics.mean(p['cpu']['by_group'][g] for p in succeeded), 3)
                                            for g in GROUPS},
         'after_completion_cpu_seconds': round(
-            statistics.median(p['after_completion_cpu_seconds'] for p in succeeded), 3),
+            statistics.mean(p['after_completion_cpu_seconds'] for p in succeeded), 3),
         **{f'{part}_p50': round(statistics.median(p[part] for p in succeeded if part in p), 3)
            for part in ('dispatch_wait_s', 'before_publish_s', 'after_publish_s') if any(part in p for p in succeeded)},
         'idle_cpu_per_second': {g: round(rate, 3) for g, rate in idle_rate.items()},
