@@ -72,6 +72,12 @@ def rows(driver):
     return {title: Row(task_id, status, link) for title, task_id, status, link in driver.execute_script(ROWS_JS)}
 
 
+def field_values(driver, name):
+    """The values of the form fields called `name`, read in one go: the form rebuilds its
+    rows while it reads files, so elements found one step earlier may be gone."""
+    return driver.execute_script('return [...document.getElementsByName(arguments[0])].map(field => field.value)', name)
+
+
 def click(driver, selector):
     """Click, unless the element was just swapped out; then the caller looks again."""
     try:
@@ -121,8 +127,8 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
     chrome.execute_script(INSTRUMENT_JS)
 
     chrome.find_element(By.CSS_SELECTOR, '#batch-form input[type=file]').send_keys('\n'.join(files))
-    wait_until(lambda: [e.get_attribute('value') for e in chrome.find_elements(By.NAME, 'title')] == ['春天来了', 'notes'],
-               timeout=10, message='the files read into the form')
+    wait_until(lambda: field_values(chrome, 'title') == ['春天来了', 'notes'], timeout=10,
+               message='the files read into the form')
     chrome.find_element(By.CSS_SELECTOR, '#batch-form button[value=add]').click()
     wait_until(lambda: len(chrome.find_elements(By.NAME, 'title')) == 3, timeout=10, message='a third article')
     chrome.find_elements(By.NAME, 'title')[2].send_keys('手写的第三篇')
