@@ -73,7 +73,8 @@ SET_BY_BENCHMARK = ('TOPN_MYSQL_URL', 'TOPN_REDIS_URL', 'TOPN_REDIS_PREFIX', 'TO
 PUBLISH_LATENCY_MS = 500
 # Each probe's CPU is a sum of 10 ms ticks over a dozen processes, so one probe reads up to
 # ~0.1 CPU-s off either way; the CPU figures are the mean over WARM_PROBES (5 probes' median
-# moved by 20 % from run to run on unchanged code).
+# moved by 20 % from run to run on unchanged code). What spread is left between runs is the
+# shared machine's speed.
 WARM_PROBES = 12
 PROBE_POLL = 0.025
 PROBE_TIMEOUT = 120.0
