@@ -265,6 +265,15 @@ def http(method, url, body=None, headers=None, timeout=10):
         return error.code, json.loads(error.read() or b'null')
 
 
+def answers(url, timeout=1):
+    """True when `url` answers 200 now; False while nothing listens there yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class Service:
     """`python topn.py serve` as operators run it, in its own process group."""
 

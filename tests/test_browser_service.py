@@ -16,7 +16,7 @@ import waitress.server
 
 import sandbox
 from accounts import AccountStore
-from conftest import batch, free_port, http, wait_until
+from conftest import answers, batch, free_port, http, wait_until
 from pool import find_browser_processes
 from publishers import load_publishers
 
@@ -113,13 +113,6 @@ def chromedrivers(tmp_path):
     processes = browser_processes(tmp_path)
     drivers = {pid for pid, command in processes.items() if 'chromedriver' in command.split()[0]}
     return [pid for pid in drivers if parent_of(pid) not in drivers]
-
-
-def answers(url):
-    try:
-        return http('GET', url)[0] == 200
-    except OSError:
-        return False
 
 
 def parent_of(pid):

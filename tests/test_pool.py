@@ -13,11 +13,10 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import answers, free_port, wait_until
 import pool as pool_module
 from pool import (CpuSampler, DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes,
                   kill_until_gone, lease_registry, visited_origins)
@@ -496,7 +495,7 @@ def test_remote_webdriver_url_drivers_hold_leases_and_are_wiped(manager, make_po
     leases = lease_registry(manager, 1)
     pool = make_pool(leases, webdriver_url=url)
     try:
-        wait_until(lambda: _answers(url + '/status'), timeout=10, message='the remote chromedriver to answer')
+        wait_until(lambda: answers(url + '/status'), timeout=10, message='the remote chromedriver to answer')
         driver = pool.acquire()
         assert leases.in_use() == 1
         load_user_page(driver, origins[0] + '/user')
@@ -509,11 +508,3 @@ def test_remote_webdriver_url_drivers_hold_leases_and_are_wiped(manager, make_po
         pool.close()
         chromedriver.kill()
         chromedriver.wait()
-
-
-def _answers(url):
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
