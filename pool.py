@@ -381,9 +381,9 @@ class DriverPool:
 
     def _refuse_start(self):
         """Why a new browser may not start now, or None. A start costs ~0.5 CPU-second (0.43
-        measured alone, plus a slower first task) and ~130 MB, so a browser starts only when no warm one could do the work instead: the
-        machine is under the cap and no browser idles in another worker (that worker takes the
-        task). Up to the drivers always admitted (`_cpu_refusal`), browsers start at once, side
+        measured alone, plus a slower first task) and ~130 MB, so a browser starts only when
+        no warm one could do the work instead: the machine is under the cap and no browser
+        idles in another worker (that worker takes the task). Up to the drivers always admitted (`_cpu_refusal`), browsers start at once, side
         by side: a batch gets going without waiting on one start after another. Beyond that
         the CPU decides, so no other browser may be starting or have just started (its CPU
         must show first), and the CPU over the last START_WINDOW seconds must have room for
