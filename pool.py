@@ -71,8 +71,8 @@ COUNTS_MAX_AGE = 0.05
 # not on one short reading: working browsers leave brief gaps (all waiting on the platform
 # at once) that one more would not fill.
 START_WINDOW = 2.0
-# CPU admission (DriverPool._cpu_refusal): this many working browsers per CPU always, and
-# never more than the most, whatever the CPU reads.
+# CPU admission (DriverPool._cpu_refusal): two working browsers per CPU always, never more
+# than three, whatever the CPU reads.
 ALWAYS_WORKING_PER_CPU = 2
 MOST_WORKING_PER_CPU = 3
 
@@ -411,8 +411,8 @@ class DriverPool:
 
         The cap is a ceiling, not a target. Measured on 2 cores (bench/ceiling.py, the sandbox
         work with its 500 ms platform wait), 4 working browsers leave the CPU a third idle
-        while tasks wait on the platform, 6 do the most work, and 8 do less than 6 and take
-        the service over 1.5 GB of memory; CPU-bound work goes fastest with about two per
+        while tasks wait on the platform, 6 do the most work, and 8 do no more than 6 but
+        take the service over 1.5 GB of memory; CPU-bound work goes fastest with about two per
         core (browsers.md). So two per core are always admitted, never more than three per
         core, and in between one more only while the CPU would stay at most
         `cpu_busy_percent` busy with it (busy x (n + 1) / n, over the last 0.5 s, or `over`
