@@ -72,9 +72,11 @@ COUNTS_MAX_AGE = 0.05
 # at once) that one more would not fill.
 START_WINDOW = 2.0
 # CPU admission (DriverPool._cpu_refusal): two working browsers per CPU always, never more
-# than three, whatever the CPU reads.
+# than three, whatever the CPU reads; in between, an idle browser takes a task while the CPU
+# is not saturated.
 ALWAYS_WORKING_PER_CPU = 2
 MOST_WORKING_PER_CPU = 3
+SATURATED_PERCENT = 95
 
 _driver_numbers = itertools.count()
 
@@ -407,16 +409,22 @@ class DriverPool:
         return self._cpu_refusal(working, over=START_WINDOW)
 
     def _cpu_refusal(self, working, over=None):
-        """Why the CPU cannot take one more working driver beside `working`, or None.
+        """Why the CPU cannot take one more working driver beside `working`, or None; `over`
+        is given for a start (see below).
 
         The cap is a ceiling, not a target. Measured on 2 cores (bench/ceiling.py, the sandbox
         work with its 500 ms platform wait), 4 working browsers leave the CPU a third idle
         while tasks wait on the platform, 6 do the most work, and 8 do no more than 6 but
         take the service over 1.5 GB of memory; CPU-bound work goes fastest with about two per
-        core (browsers.md). So two per core are always admitted, never more than three per
-        core, and in between one more only while the CPU would stay at most
-        `cpu_busy_percent` busy with it (busy x (n + 1) / n, over the last 0.5 s, or `over`
-        seconds for a start): work that waits on the network rather than the CPU.
+        core (browsers.md). So two per core always work, never more than three per core, and
+        in between:
+        - an idle browser takes one more task while the CPU read under SATURATED_PERCENT
+          over the last 0.5 s: a task tops up CPU that would idle, and CPU-bound work, which
+          saturates the CPU, stays at two per core;
+        - a new browser starts only while the CPU, over the last `over` seconds, would stay at
+          most `cpu_busy_percent` busy with one more working browser (busy x (n + 1) / n). A
+          start costs ~0.5 CPU-second and ~130 MB and lasts, so it waits for room for a whole
+          browser.
         """
         if working < self._always_admitted:
             return None
@@ -424,12 +432,15 @@ class DriverPool:
             return (f'{working} drivers work on this machine, {MOST_WORKING_PER_CPU} per CPU: more would finish '
                     f'later, not sooner')
         busy = self._cpu_sampler(over)
+        if over is None:
+            if busy < SATURATED_PERCENT:
+                return None
+            return f'CPU busy: {busy:.0f}% with {working} drivers working on this machine: saturated'
         expected = busy * (working + 1) / working
         if expected <= self.cpu_busy_percent:
             return None
-        span = f'over the last {over:g} s ' if over else ''
-        return (f'CPU busy: {busy:.0f}% {span}with {working} drivers working on this machine; one more would '
-                f'take it to about {expected:.0f}% > {self.cpu_busy_percent}%')
+        return (f'CPU busy: {busy:.0f}% over the last {over:g} s with {working} drivers working on this machine; '
+                f'one more would take it to about {expected:.0f}% > {self.cpu_busy_percent}%')
 
     def cancel(self, room):
         """Give back a room that was not used (the claim found no task, or one that needs no

@@ -406,6 +406,28 @@ def test_two_drivers_per_core_always_work_and_more_only_while_the_cpu_has_room_f
     assert pool.stats()['working'] == 3
 
 
+def test_an_idle_browser_takes_one_more_task_until_the_cpu_is_saturated(manager, make_pool, monkeypatch):
+    monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
+    monkeypatch.setattr(pool_module, 'COUNTS_MAX_AGE', 0.0)
+    leases = lease_registry(manager, 3)
+    reading = {'percent': 0.0}
+    pool = make_pool(leases, max_drivers=3, cpus=1, cpu_busy_percent=85,
+                     cpu_sampler=lambda over=None: reading['percent'])
+    drivers = [pool.acquire(), pool.acquire(), pool.acquire()]
+    for driver in drivers:
+        pool.release(driver)
+
+    reading['percent'] = 90.0  # too busy to start a third browser (about 135%), not to use an idle one
+    pool.acquire(), pool.acquire()
+    third = pool.acquire(timeout=0.3)
+    assert third in drivers
+    pool.release(third)
+    reading['percent'] = 96.0
+    with pytest.raises(PoolTimeout, match=r'CPU busy: 96% with 2 drivers working on this machine: saturated'):
+        pool.acquire(timeout=0.3)
+    assert pool.stats()['idle'] == 1
+
+
 def test_no_more_than_three_drivers_per_core_work_however_idle_the_cpu(manager, make_pool, monkeypatch):
     monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
     leases = lease_registry(manager, 4)
