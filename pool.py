@@ -418,7 +418,7 @@ class DriverPool:
         take the service over 1.5 GB of memory; CPU-bound work goes fastest with about two per
         core (browsers.md). So two per core always work, never more than three per core, and
         in between:
-        - an idle browser takes one more task while the CPU read under SATURATED_PERCENT
+        - an idle browser takes one more task while the CPU reads under SATURATED_PERCENT
           over the last 0.5 s: a task tops up CPU that would idle, and CPU-bound work, which
           saturates the CPU, stays at two per core;
         - a new browser starts only while the CPU, over the last `over` seconds, would stay at
