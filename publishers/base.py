@@ -33,6 +33,11 @@ class PublishError(Exception):
         self.refused = refused
 
 
+class BadAccount(ValueError):
+    """A login a user wants to store that cannot work (a site that is not the platform, a
+    field missing); the message says why in words the user can act on. Nothing is stored."""
+
+
 class AttemptStopped(Exception):
     """The attempt must stop now; the worker records why."""
 
@@ -66,7 +71,7 @@ class Attempt:
     """
 
     def __init__(self, task, report_progress, timeout, clock=time.monotonic,
-                 remember_ref=None, driver=None, account=None):
+                 remember_ref=None, driver=None, account=None, save_account=None):
         self.task_id = task['task_id']
         self.user_id = task['user_id']
         self.title = task['article_title']
@@ -82,6 +87,7 @@ class Attempt:
         self.cancel_requested = False
         self._report_progress = report_progress
         self._remember_ref = remember_ref
+        self._save_account = save_account
         self._submit_gate = lambda: 0
         self._last_percent = 0
         self._clock = clock
@@ -105,6 +111,13 @@ class Attempt:
         self.platform_ref = ref
         if self._remember_ref is not None:
             self._remember_ref(ref)
+
+    def remember_account(self, fields):
+        """Store changed login fields of this account (e.g. fresh session cookies), merged
+        into what is stored, so the next task starts from them."""
+        self.account = {**(self.account or {}), **fields}
+        if self._save_account is not None:
+            self._save_account(fields)
 
     @property
     def outcome_unknown(self):
@@ -145,12 +158,15 @@ class Publisher:
     """Base class: `name` is the platform name users pick; `publish` does the work.
 
     Browser publishers set `needs_browser` and implement `check_login(driver, account)`,
-    which answers (ok, detail) without publishing anything; `required_cookies` names the
-    cookies an account must hold before it is stored.
+    which answers (ok, detail) without publishing anything. `login_fields` names what a user
+    stores for the platform (cookies, or a site with a user name and password);
+    `required_cookies` the cookies a cookie login must hold. `check_account(fields)` returns
+    the fields to store, or raises BadAccount.
     """
     name = None
     label = None
     needs_browser = False
+    login_fields = ('cookies',)
     required_cookies = ()
 
     @classmethod
@@ -159,6 +175,9 @@ class Publisher:
 
     def publish(self, attempt):
         raise NotImplementedError
+
+    def check_account(self, fields):
+        return fields
 
     def check_login(self, driver, account):
         raise NotImplementedError
