@@ -24,9 +24,9 @@ import time
 import pymysql
 import pymysql.cursors
 
+from tasks import FINISHED, UNFINISHED
+
 SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
-UNFINISHED = ('pending', 'running', 'retry')
-FINISHED = ('success', 'failed', 'cancelled')
 CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
 CONFLICT_CODES = (1205, 1213)  # lock wait timeout, deadlock: the server rolled back, the connection lives
 CONFLICT_RETRIES = 3
@@ -216,6 +216,14 @@ class Database:
                 (user_id, platform, secret))
 
     @reconnects
+    def replace_account_secret(self, user_id, platform, secret):
+        """The same login with fresher parts (session cookies a task got): its check stays."""
+        with self.transaction() as cur:
+            cur.execute('UPDATE platform_accounts SET secret = %s WHERE user_id = %s AND platform = %s',
+                        (secret, user_id, platform))
+            return cur.rowcount == 1
+
+    @reconnects
     def account_secret(self, user_id, platform):
         with self.transaction() as cur:
             cur.execute('SELECT secret FROM platform_accounts WHERE user_id = %s AND platform = %s',
@@ -336,20 +344,6 @@ class Database:
     def task_for_user(self, user_id, task_id):
         rows = self.tasks_by_ids(user_id, [task_id])
         return rows[0] if rows else None
-
-    @reconnects
-    def list_tasks(self, user_id, status=None, offset=0, limit=20):
-        where, args = 'user_id = %s', [user_id]
-        if status:
-            where += ' AND status = %s'
-            args.append(status)
-        with self.transaction() as cur:
-            cur.execute(f'SELECT COUNT(*) AS n FROM publish_tasks WHERE {where}', args)
-            total = cur.fetchone()['n']
-            cur.execute(
-                f'SELECT {TASK_COLUMNS} FROM publish_tasks WHERE {where} ORDER BY id DESC LIMIT %s OFFSET %s',
-                args + [limit, offset])
-            return cur.fetchall(), total
 
     @reconnects
     def history(self, task_id):
@@ -576,7 +570,8 @@ class Database:
     # -- figures for operators ---------------------------------------------------------
 
     @reconnects
-    def metrics(self):
+    def task_figures(self):
+        """(tasks by status, users with unfinished tasks, average seconds of a published task)."""
         with self.transaction() as cur:
             cur.execute('SELECT status, COUNT(*) AS n FROM publish_tasks GROUP BY status')
             by_status = {row['status']: row['n'] for row in cur.fetchall()}
@@ -624,9 +619,10 @@ class Database:
             cur.execute('DELETE FROM web_sessions WHERE session_hash = %s', (session_hash,))
 
     @reconnects
-    def task_table(self, user_id, status=None, offset=0, limit=20):
-        """One page of a user's tasks, newest first, and how many the user has in each
-        status (the filter counts, the page count, and whether anything is unfinished)."""
+    def task_page(self, user_id, status=None, offset=0, limit=20):
+        """One page of a user's tasks, newest first (optionally of one status), and how many
+        the user has in each status (the filter counts, the page count, and whether anything
+        is unfinished), for the API's list and the page's table alike."""
         where, args = 'user_id = %s', [user_id]
         if status:
             where += ' AND status = %s'

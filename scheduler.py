@@ -30,43 +30,14 @@ import uuid
 
 import redis
 
+import tasks
 from db import DatabaseUnavailable
-from publishers.base import UNKNOWN_OUTCOMES
+from errors import Conflict, InvalidRequest, LimitReached, NotFound
 
 log = logging.getLogger('topn.scheduler')
 
-PRIORITIES = ('normal', 'urgent')
 RECONCILE_SETTLE = 5.0
 CLEANUP_INTERVAL = 600.0
-
-
-# -- errors the web layer maps to HTTP answers ---------------------------------------
-
-class Refused(Exception):
-    """A request we will not carry out; nothing was changed."""
-    status = 400
-
-    def __init__(self, code, message, retry_after=None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-
-
-class InvalidRequest(Refused):
-    status = 400
-
-
-class LimitReached(Refused):
-    status = 429
-
-
-class NotFound(Refused):
-    status = 404
-
-
-class Conflict(Refused):
-    status = 409
 
 
 # -- Redis keys ----------------------------------------------------------------------
@@ -205,7 +176,7 @@ class Scheduler:
 
         user = self.db.run_transaction(admit)
         task_ids = [row['task_id'] for row in rows]
-        self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == 'urgent')
+        self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == tasks.URGENT)
         return task_ids
 
     def validate_batch(self, payload):
@@ -222,34 +193,35 @@ class Scheduler:
         if not isinstance(platform, str) or platform not in self.platforms:
             raise InvalidRequest(
                 'unknown_platform', f'unknown platform {platform!r}; known: {", ".join(sorted(self.platforms))}')
-        priority = payload.get('priority') or 'normal'
-        if priority not in PRIORITIES:
-            raise InvalidRequest('invalid_priority', f'priority must be one of {", ".join(PRIORITIES)}')
+        priority = payload.get('priority') or tasks.NORMAL
+        if priority not in tasks.PRIORITIES:
+            raise InvalidRequest('invalid_priority', f'priority must be one of {", ".join(tasks.PRIORITIES)}')
         return [self._validate_article(i, article) for i, article in enumerate(articles)], platform, priority
 
     def _validate_article(self, index, article):
-        where = f'article {index + 1}'
+        """The article as it will be stored, or InvalidRequest naming it (`article` = index)."""
+        def refuse(code, message):
+            return InvalidRequest(code, f'article {index + 1}: {message}', article=index)
+
         if not isinstance(article, dict):
-            raise InvalidRequest('invalid_article', f'{where} must be an object with "title" and "content"')
+            raise refuse('invalid_article', 'must be an object with "title" and "content"')
         title, content, article_id = article.get('title'), article.get('content'), article.get('article_id')
         if not isinstance(title, str) or not title.strip():
-            raise InvalidRequest('empty_title', f'{where} has an empty title')
+            raise refuse('empty_title', 'the title is empty')
         if len(title) > self.config.title_max_chars:
-            raise InvalidRequest(
-                'title_too_long',
-                f'{where}: the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
+            raise refuse('title_too_long',
+                         f'the title has {len(title)} characters, at most {self.config.title_max_chars} are allowed')
         if not isinstance(content, str) or not content.strip():
-            raise InvalidRequest('empty_content', f'{where} has an empty body')
+            raise refuse('empty_content', 'the body is empty')
         if not _is_encodable(title) or not _is_encodable(content):
-            raise InvalidRequest('invalid_text', f'{where} holds characters that are not valid Unicode text')
+            raise refuse('invalid_text', 'it holds characters that are not valid Unicode text')
         size = len(content.encode('utf-8'))
         if size > self.config.body_max_bytes:
-            raise InvalidRequest(
-                'content_too_large',
-                f'{where}: the body is {size} bytes, at most {self.config.body_max_bytes} are allowed')
+            raise refuse('content_too_large',
+                         f'the body is {size} bytes, at most {self.config.body_max_bytes} are allowed')
         valid_id = isinstance(article_id, int) and not isinstance(article_id, bool) and article_id >= 1
         if article_id is not None and not valid_id:
-            raise InvalidRequest('invalid_article_id', f'{where}: article_id must be a positive integer')
+            raise refuse('invalid_article_id', 'article_id must be a positive integer')
         return {'title': title.strip(), 'content': content, 'article_id': article_id}
 
     def _check_articles_owned(self, cur, user_id, rows):
@@ -349,13 +321,13 @@ class Scheduler:
 
     def record_success(self, task, url):
         """Returns the task's new status, or None when the attempt no longer owned the task."""
-        ended = self.db.end_attempt(task['task_id'], task['attempt'], 'success', 'success', result_url=url)
-        return 'success' if ended else None
+        ended = self.db.end_attempt(task['task_id'], task['attempt'], tasks.SUCCESS, 'success', result_url=url)
+        return tasks.SUCCESS if ended else None
 
     def record_cancelled(self, task):
-        ended = self.db.end_attempt(task['task_id'], task['attempt'], 'cancelled', 'cancelled',
+        ended = self.db.end_attempt(task['task_id'], task['attempt'], tasks.CANCELLED, 'cancelled',
                                     error='cancelled by the user')
-        return 'cancelled' if ended else None
+        return tasks.CANCELLED if ended else None
 
     def record_failure(self, task, error, retryable=True, outcome='failed'):
         """Fail one attempt: queue a retry after backoff while retries are left, else fail the task.
@@ -366,18 +338,18 @@ class Scheduler:
         task_id, attempt = task['task_id'], task['attempt']
         if retryable and task['retry_count'] < task['max_retries']:
             delay = self.backoff(task['retry_count'])
-            if outcome in UNKNOWN_OUTCOMES:
+            if outcome in tasks.UNKNOWN_OUTCOMES:
                 delay = max(delay, self.config.unknown_outcome_settle)
-            if not self.db.end_attempt(task_id, attempt, 'retry', outcome, error=error, retry_in=delay):
+            if not self.db.end_attempt(task_id, attempt, tasks.RETRY, outcome, error=error, retry_in=delay):
                 return None
             try:
                 self._schedule(task['user_id'], task_id, delay)
             except redis.RedisError:
                 log.warning('could not schedule retry of %s in Redis; reconcile will', task_id)
-            return 'retry'
-        if not self.db.end_attempt(task_id, attempt, 'failed', outcome, error=error):
+            return tasks.RETRY
+        if not self.db.end_attempt(task_id, attempt, tasks.FAILED, outcome, error=error):
             return None
-        return 'failed'
+        return tasks.FAILED
 
     def give_back(self, task):
         """Put a claimed task back, unattempted, at the head of its user's queue: the worker
@@ -411,7 +383,7 @@ class Scheduler:
             task = self.db.task_for_user(user_id, task_id)
             if task is None:
                 raise NotFound('task_not_found', f'no task {task_id}')
-            if task['status'] in ('success', 'failed', 'cancelled'):
+            if task['status'] in tasks.FINISHED:
                 raise Conflict('task_finished', f'the task is already {task["status"]} and cannot be cancelled')
         raise Conflict('task_busy', 'the task changed state while cancelling; try again')
 
@@ -431,7 +403,7 @@ class Scheduler:
             status = self.db.task_status(cur, user_id, task_id)
             if status is None:
                 raise NotFound('task_not_found', f'no task {task_id}')
-            if status not in ('failed', 'cancelled'):
+            if status not in tasks.REOPENABLE:
                 raise Conflict('task_not_retryable',
                                f'only failed or cancelled tasks can be retried; this one is {status}')
             self._check_active_limit(cur, user_id, 1)
@@ -509,7 +481,7 @@ class Scheduler:
             if row['due_in'] > 0:
                 self._schedule(row['user_id'], row['task_id'], float(row['due_in']))
             else:
-                ready.setdefault((row['user_id'], row['priority'] == 'urgent'), []).append(row['task_id'])
+                ready.setdefault((row['user_id'], row['priority'] == tasks.URGENT), []).append(row['task_id'])
         for (user_id, urgent), task_ids in ready.items():
             self.enqueue(user_id, task_ids, user_id in vips, urgent)
         self.redis.set(self.keys.epoch, str(time.time()))
@@ -530,23 +502,38 @@ class Scheduler:
 
     # -- figures -----------------------------------------------------------------------
 
+    def metrics(self):
+        """The operators' figures, for the CLI, the API (JSON and Prometheus) and the admin page."""
+        by_status, active_users, avg_seconds = self.db.task_figures()
+        finished = by_status.get(tasks.SUCCESS, 0) + by_status.get(tasks.FAILED, 0)
+        queues = self.queue_lengths()
+        names = self.db.user_names(list(queues))
+        return {
+            'active_users': active_users,
+            'total_tasks': sum(by_status.values()),
+            'running_tasks': by_status.get(tasks.RUNNING, 0),
+            'tasks_by_status': {status: by_status.get(status, 0) for status in tasks.STATUSES},
+            'queue_length_per_user': {names.get(user_id, str(user_id)): n for user_id, n in queues.items()},
+            'waiting_retries': self.redis.zcard(self.keys.delayed),
+            'success_rate': round(by_status.get(tasks.SUCCESS, 0) / finished, 4) if finished else None,
+            'avg_task_seconds': round(avg_seconds, 3) if avg_seconds is not None else None,
+            'browser_pool': self.pool_usage(),
+        }
+
     def queue_lengths(self):
         """Queued task ids per user id (tasks waiting out a retry backoff are not counted)."""
         user_ids = sorted(self.redis.smembers(self.keys.ring_members), key=int)
         lengths = [self.redis.llen(self.keys.queue(uid)) for uid in user_ids]
         return {int(uid): n for uid, n in zip(user_ids, lengths)}
 
-    def waiting_retries(self):
-        return self.redis.zcard(self.keys.delayed)
-
     def report_pool(self, worker_id, stats, ttl):
         """A worker's browser pool figures, kept in Redis for `ttl` seconds (a dead
         worker's figures vanish on their own)."""
         self.redis.set(self.keys.pool(worker_id), json.dumps(stats), ex=max(1, int(ttl)))
 
-    def pool_usage(self, max_drivers):
-        """Browsers on the machine: leased to a task, idle in a pool, and the cap."""
+    def pool_usage(self):
+        """Browsers on the machine: at work (or being wiped), idle in a pool, and the cap."""
         reports = [json.loads(raw) for raw in
                    self.redis.mget(list(self.redis.scan_iter(match=self.keys.pool_prefix + '*'))) or [] if raw]
-        return {'leased': sum(r['leased'] for r in reports), 'idle': sum(r['idle'] for r in reports),
-                'max': max_drivers}
+        return {'working': sum(r['working'] + r['wiping'] for r in reports),
+                'idle': sum(r['idle'] for r in reports), 'max': self.config.max_drivers}

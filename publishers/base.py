@@ -11,10 +11,8 @@ import functools
 import time
 
 from publishers import content
+from tasks import UNKNOWN_OUTCOMES
 
-
-# Attempt outcomes after which nobody knows whether the platform took the article.
-UNKNOWN_OUTCOMES = ('lost', 'timeout', 'unknown')
 PACING_POLL = 0.5
 
 

@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 from selenium.common.exceptions import WebDriverException
 
 from publishers.base import PublishError
+from tasks import EVIDENCE_FILES
 
 FETCH_JS = """
 const [method, url, body, headers, done] = arguments;
@@ -87,12 +88,13 @@ def capture_evidence(driver, folder):
     the URL. Returns the file names saved; a browser too broken to answer saves fewer."""
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
-    steps = (
-        ('url.txt', lambda path: path.write_text(driver.current_url + '\n', encoding='utf-8')),
-        ('page.html', lambda path: path.write_text(driver.page_source, encoding='utf-8')),
-        ('screenshot.png', lambda path: driver.save_screenshot(str(path))),
-    )
-    for name, save in steps:
+    savers = {
+        'url.txt': lambda path: path.write_text(driver.current_url + '\n', encoding='utf-8'),
+        'page.html': lambda path: path.write_text(driver.page_source, encoding='utf-8'),
+        'screenshot.png': lambda path: driver.save_screenshot(str(path)),
+    }
+    for name in EVIDENCE_FILES:
+        save = savers[name]
         try:
             save(folder / name)
             saved.append(name)

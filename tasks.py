@@ -1,0 +1,22 @@
+"""What a publish task can be: its statuses, the outcomes of its attempts, its priorities and
+the evidence files a failed attempt leaves. Every other module (and schema.sql's ENUMs, which
+a test holds to these) takes the words from here.
+"""
+
+PENDING, RUNNING, SUCCESS, FAILED, RETRY, CANCELLED = 'pending', 'running', 'success', 'failed', 'retry', 'cancelled'
+STATUSES = (PENDING, RUNNING, SUCCESS, FAILED, RETRY, CANCELLED)
+QUEUED = (PENDING, RETRY)
+UNFINISHED = (PENDING, RUNNING, RETRY)
+FINISHED = (SUCCESS, FAILED, CANCELLED)
+REOPENABLE = (FAILED, CANCELLED)
+CANCELLABLE = (PENDING, RETRY, RUNNING)
+
+# How one attempt ended. 'running' while it runs; 'lost' when its worker stopped answering,
+# 'timeout' when it ran out of time, 'unknown' when it failed after the submit click.
+OUTCOMES = ('running', 'success', 'failed', 'timeout', 'lost', 'unknown', 'cancelled')
+UNKNOWN_OUTCOMES = ('lost', 'timeout', 'unknown')
+
+NORMAL, URGENT = 'normal', 'urgent'
+PRIORITIES = (NORMAL, URGENT)
+
+EVIDENCE_FILES = ('url.txt', 'page.html', 'screenshot.png')  # in the order a failed attempt saves them
