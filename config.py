@@ -6,8 +6,12 @@ Defaults suit a single local box. Anything that reads configuration takes a
 
 import dataclasses
 import os
+import re
 import zoneinfo
 from urllib.parse import urlsplit, unquote
+
+
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
 
 
 class ConfigError(ValueError):
@@ -53,16 +57,18 @@ class Config:
     driver_idle: float = 300.0
     driver_reuse: int = 1
     driver_acquire_timeout: float = 30.0
-    browser_cpu_busy: int = 85
+    working_per_core: int = 3
     webdriver_url: str = ''
     browser_root: str = '/tmp/topn-browsers'
+    browser_namespace: str = 'topn'
     secret_key: str = ''
     state_dir: str = 'var'
     sandbox_bind: str = '127.0.0.1:8090'
     sandbox_url: str = 'http://127.0.0.1:8090'
     zhihu_url: str = 'https://zhuanlan.zhihu.com'
     zhihu_www_url: str = 'https://www.zhihu.com'
-    pacing: tuple = (('zhihu', 60.0), ('sandbox', 0.0))
+    log_level: str = 'INFO'
+    pacing: tuple = (('zhihu', 60.0), ('sandbox', 0.0), ('wordpress', 0.0))
 
     @property
     def mysql(self):
@@ -127,7 +133,10 @@ class Config:
         _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')
         _require(self.driver_reuse in (0, 1), 'TOPN_DRIVER_REUSE', 'must be 0 or 1')
         _require(self.driver_idle > 0, 'TOPN_DRIVER_IDLE', 'must be more than 0')
-        _require(0 < self.browser_cpu_busy <= 100, 'TOPN_BROWSER_CPU_BUSY', 'must be a percentage from 1 to 100')
+        _require(self.working_per_core >= 1, 'TOPN_WORKING_PER_CORE', 'must be 1 or more')
+        _require(re.fullmatch(r'[A-Za-z0-9_.-]+', self.browser_namespace) is not None, 'TOPN_BROWSER_NAMESPACE',
+                 'must be letters, digits, dots, dashes or underscores (it names a folder)')
+        _require(self.log_level.upper() in LOG_LEVELS, 'TOPN_LOG_LEVEL', f'must be one of {", ".join(LOG_LEVELS)}')
         self.mysql
 
 

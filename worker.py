@@ -17,7 +17,7 @@ import time
 
 import redis
 
-from accounts import AccountError, AccountStore, load_secret_key
+from accounts import AccountStore, AccountUnreadable, load_secret_key
 from db import Database, DatabaseUnavailable
 from pool import DriverPool, PoolBusy, PoolTimeout
 from publishers import load_publishers
@@ -101,7 +101,8 @@ class Worker:
         task_id, number = task['task_id'], task['attempt']
         log.info('task %s attempt %s on %s: started', task_id, number, task['platform'])
         attempt = Attempt(task, self._progress_reporter(task_id, number), self.config.task_timeout,
-                          remember_ref=lambda ref: self.db.set_platform_ref(task_id, number, ref))
+                          remember_ref=lambda ref: self.db.set_platform_ref(task_id, number, ref),
+                          save_account=lambda fields: self.accounts.update(task['user_id'], task['platform'], fields))
         clean = False
         try:
             url = self._publish(task, attempt, room)
@@ -157,11 +158,11 @@ class Worker:
     def _account(self, task, publisher):
         try:
             account = self.accounts.load(task['user_id'], publisher.name)
-        except AccountError as error:
-            raise PublishError(str(error), retryable=False) from None
+        except AccountUnreadable as error:
+            raise PublishError(error.message, retryable=False) from None
         if account is None:
             raise PublishError(f'you have no {publisher.label or publisher.name} account in TOP_N yet; '
-                               'add its login cookies first', retryable=False)
+                               'add its login first', retryable=False)
         return account
 
     def _lease_driver(self, room):
@@ -204,9 +205,7 @@ class Worker:
             return self._driver_pool
 
     def _new_driver_pool(self):
-        return DriverPool(self.leases, max_drivers=self.config.max_drivers, idle_seconds=self.config.driver_idle,
-                          webdriver_url=self.config.webdriver_url or None, browser_root=self.config.browser_root,
-                          instance=self.config.redis_prefix, cpu_busy_percent=self.config.browser_cpu_busy)
+        return DriverPool.from_config(self.leases, self.config)
 
     def _progress_reporter(self, task_id, number):
         def report(percent):
@@ -245,12 +244,7 @@ class Worker:
     def run(self):
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        slots = [threading.Thread(target=self.slot_loop, name=f'slot-{i}', daemon=True)
-                 for i in range(self.config.worker_slots)]
-        heartbeat = threading.Thread(target=self.heartbeat_loop, name='heartbeat', daemon=True)
-        heartbeat.start()
-        for slot in slots:
-            slot.start()
+        slots = self.start_threads()
         log.info('worker %s started with %d slots', self.worker_id, len(slots))
         while any(slot.is_alive() for slot in slots):
             if self.stop_requested or os.getppid() != self.parent_pid:
@@ -259,6 +253,15 @@ class Worker:
         self.exited.set()
         self.close_browsers()
         log.info('worker %s stopped', self.worker_id)
+
+    def start_threads(self):
+        """Start the heartbeat and the slot threads; returns the slots. `stopping` ends them."""
+        threading.Thread(target=self.heartbeat_loop, name='heartbeat', daemon=True).start()
+        slots = [threading.Thread(target=self.slot_loop, name=f'slot-{i}', daemon=True)
+                 for i in range(self.config.worker_slots)]
+        for slot in slots:
+            slot.start()
+        return slots
 
     def close_browsers(self):
         if self._driver_pool is not None:

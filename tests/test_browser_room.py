@@ -41,7 +41,7 @@ def browser_config(config, tmp_path):
 @pytest.fixture
 def alice_with_account(make_user, db, browser_config):
     alice = make_user('alice')
-    AccountStore(db, load_secret_key(browser_config)).save(alice.id, BrowserPlatform(), 'sbx_session=x')
+    AccountStore(db, load_secret_key(browser_config)).save(alice.id, BrowserPlatform(), {'cookies': 'sbx_session=x'})
     return alice
 
 
@@ -65,8 +65,7 @@ def other_worker_pool(browser_config):
     pools = []
 
     def make(leases):
-        pool = DriverPool(leases, browser_root=browser_config.browser_root, instance='other-worker',
-                          cpu_sampler=lambda over=None: 0.0)
+        pool = DriverPool(leases, browser_root=browser_config.browser_root, namespace='other-worker')
         pools.append(pool)
         return pool
 
@@ -77,7 +76,7 @@ def other_worker_pool(browser_config):
 
 def test_slot_without_browser_room_leaves_the_task_queued_until_a_lease_comes_free(
         manager, scheduler, db, alice_with_account, make_worker, other_worker_pool):
-    leases = lease_registry(manager, 1)
+    leases = lease_registry(manager, 1, 1)
     other_worker = other_worker_pool(leases)
     other_worker.acquire()
     platform = BrowserPlatform()
@@ -98,12 +97,12 @@ def test_slot_without_browser_room_leaves_the_task_queued_until_a_lease_comes_fr
     assert (task['status'], task['retry_count']) == ('success', 0)
     assert [attempt['outcome'] for attempt in db.history(task_id)] == ['success']
     assert platform.published == [task_id]
-    assert leases.in_use() == 1, "the worker's browser stays warm for the next task"
+    assert leases.live() == 1, "the worker's browser stays warm for the next task"
 
 
 def test_task_whose_browser_room_was_taken_is_given_back_unattempted_at_the_head_of_its_queue(
         manager, scheduler, db, redis_client, alice_with_account, make_worker, other_worker_pool):
-    leases = lease_registry(manager, 1)
+    leases = lease_registry(manager, 1, 2)
     platform = BrowserPlatform()
     worker = make_worker(leases, platform)
     first, second = scheduler.submit_batch(alice_with_account.id, batch(2, platform='sandbox'))

@@ -17,9 +17,8 @@ import time
 import pytest
 
 from conftest import answers, free_port, wait_until
-import pool as pool_module
-from pool import (CpuSampler, DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes,
-                  kill_until_gone, lease_registry, visited_origins)
+from pool import (DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes, kill_until_gone,
+                  lease_registry, visited_origins, working_limit)
 
 USER_PAGE = b"""<!doctype html><title>loading</title><script>
 document.cookie = 'user_' + location.port + '=A; max-age=3600; path=/';
@@ -89,8 +88,7 @@ def make_pool(browser_root):
     pools = []
 
     def make(leases, **settings):
-        settings.setdefault('cpu_sampler', lambda over=None: 0.0)
-        pool = DriverPool(leases, browser_root=browser_root, instance=f'test{len(pools)}', **settings)
+        pool = DriverPool(leases, browser_root=browser_root, namespace=f'test{len(pools)}', **settings)
         pools.append(pool)
         return pool
 
@@ -160,8 +158,8 @@ def state_on(driver, origin):
 # -- wiping ------------------------------------------------------------------------------------
 
 def test_released_driver_is_reused_and_carries_nothing_of_the_previous_user(manager, make_pool, origins):
-    leases = lease_registry(manager, 1)
-    pool = make_pool(leases, max_drivers=1)
+    leases = lease_registry(manager, 1, 1)
+    pool = make_pool(leases)
     driver = pool.acquire()
     session = driver.session_id
     for origin in origins:
@@ -184,17 +182,15 @@ def test_released_driver_is_reused_and_carries_nothing_of_the_previous_user(mana
     assert again.execute_cdp_cmd('Network.getAllCookies', {})['cookies'] == []
     for origin in origins:
         assert state_on(again, origin) == NOTHING, origin
-    assert leases.in_use() == 1
+    assert leases.live() == 1
 
 
 # -- the machine-wide cap -------------------------------------------------------------------------
 
 def _churn_drivers(leases, browser_root, report):
     """A worker process with 2 slot threads: one acquires, holds and releases a driver twice
-    (the second time it gets its own back), the other acquires, holds and discards one. With
-    cpus=8 CPU admission never holds a driver back: this is about the cap alone."""
-    pool = DriverPool(leases, max_drivers=3, browser_root=browser_root, instance='cap', cpus=8,
-                      cpu_sampler=lambda over=None: 0.0)
+    (the second time it gets its own back), the other acquires, holds and discards one."""
+    pool = DriverPool(leases, browser_root=browser_root, namespace='cap')
     done, errors = [], []
 
     def slot(rounds, give_back):
@@ -218,7 +214,7 @@ def _churn_drivers(leases, browser_root, report):
 
 
 def test_never_more_than_max_drivers_browsers_on_the_machine(manager, browser_root):
-    leases = lease_registry(manager, 3)
+    leases = lease_registry(manager, 3, 3)
     context = multiprocessing.get_context('fork')
     report = context.Queue()
     marker = browser_root + '/cap/'
@@ -229,7 +225,7 @@ def test_never_more_than_max_drivers_browsers_on_the_machine(manager, browser_ro
         while not stop.wait(0.05):
             seen['chromedriver'] = max(seen['chromedriver'], len(chromedrivers(marker)))
             seen['browsers'] = max(seen['browsers'], len(driver_folders(marker)))
-            seen['leases'] = max(seen['leases'], leases.in_use())
+            seen['leases'] = max(seen['leases'], leases.live())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -246,48 +242,52 @@ def test_never_more_than_max_drivers_browsers_on_the_machine(manager, browser_ro
     assert sum(done for _, done, _ in results) == 4 * 3
     assert [worker.exitcode for worker in workers] == [0] * 4
     assert seen == {'chromedriver': 3, 'browsers': 3, 'leases': 3}
-    assert leases.in_use() == 0
+    assert leases.live() == 0
     assert processes(marker) == {}
 
 
 def test_acquire_raises_pool_timeout_when_the_cap_is_reached(manager, make_pool):
-    leases = lease_registry(manager, 1)
-    pool = make_pool(leases, max_drivers=1)
-    other_worker = make_pool(leases, max_drivers=1)
+    leases = lease_registry(manager, 1, 1)
+    pool = make_pool(leases)
+    other_worker = make_pool(leases)
     driver = pool.acquire()
 
     started = time.monotonic()
-    with pytest.raises(PoolTimeout, match='browser cap reached'):
+    with pytest.raises(PoolTimeout, match='1 browsers work on this machine already'):
         pool.acquire(timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 3
-    with pytest.raises(PoolTimeout, match='browser cap reached'):
+    with pytest.raises(PoolTimeout, match='1 browsers work on this machine already'):
         other_worker.acquire(timeout=0.3)
 
     pool.release(driver)
     assert pool.acquire(timeout=0.5) is driver
-    assert leases.in_use() == 1
+    assert leases.live() == 1
 
 
 def test_leases_are_counted_per_process_and_a_dead_workers_leases_go_back(manager):
-    leases = lease_registry(manager, 3)
-    assert leases.take(1001, timeout=0) and leases.take(1001, timeout=0) and leases.take(1002, timeout=0)
-    assert not leases.take(1003, timeout=0.05)
+    leases = lease_registry(manager, 3, 2)
+    take = leases.take_browser
+    assert take(1001, timeout=0) and take(1001, timeout=0) and take(1002, timeout=0)
+    assert not take(1003, timeout=0.05)
+    assert leases.take_permit(1001) and leases.take_permit(1002) and not leases.take_permit(1003)
     copy = pickle.loads(pickle.dumps(leases))
-    assert copy.in_use() == 3
+    assert (copy.live(), copy.working()) == (3, 2)
 
     assert copy.release_all_of(1001) == 2
-    assert leases.in_use() == 1
-    leases.give_back(1002)
-    assert leases.in_use() == 0
+    assert (leases.live(), leases.working()) == (1, 1)
+    leases.give_back_browser(1002)
+    leases.give_back_permit(1002)
+    assert (leases.live(), leases.working()) == (0, 0)
     with pytest.raises(ValueError):
-        leases.give_back(1002)
-    assert [leases.take(pid, timeout=0) for pid in (1, 2, 3, 4)] == [True, True, True, False]
+        leases.give_back_browser(1002)
+    assert [take(pid, timeout=0) for pid in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [leases.take_permit(pid) for pid in (1, 2, 3)] == [True, True, False]
 
 
 # -- idle, dead and orphaned browsers ----------------------------------------------------------------
 
 def test_idle_drivers_are_quit_after_idle_seconds(manager, make_pool):
-    leases = lease_registry(manager, 2)
+    leases = lease_registry(manager, 2, 2)
     now = [100.0]
     pool = make_pool(leases, idle_seconds=1, clock=lambda: now[0])
     pool.release(pool.acquire())
@@ -300,13 +300,13 @@ def test_idle_drivers_are_quit_after_idle_seconds(manager, make_pool):
     assert pool.quit_idle() == 1
 
     assert processes(pool.marker) == {}
-    assert leases.in_use() == 0
-    assert pool.stats() == {'live': 0, 'leased': 0, 'idle': 0, 'reserved': 0, 'max': 8, 'leases_in_use': 0,
-                            'working': 0}
+    assert leases.live() == 0
+    assert pool.stats() == {'starting': 0, 'idle': 0, 'working': 0, 'wiping': 0, 'closing': 0, 'live': 0,
+                            'leases_in_use': 0, 'working_machine_wide': 0, 'max': 2, 'max_working': 2}
 
 
 def test_driver_whose_browser_was_killed_is_replaced_on_next_acquire(manager, make_pool):
-    leases = lease_registry(manager, 2)
+    leases = lease_registry(manager, 2, 2)
     pool = make_pool(leases)
     driver = pool.acquire()
     pool.release(driver)
@@ -321,12 +321,12 @@ def test_driver_whose_browser_was_killed_is_replaced_on_next_acquire(manager, ma
     assert len(driver_folders(pool.marker)) == 1, 'processes of the dead browser are left'
     assert len(chromedrivers(pool.marker)) == 1
     assert len(browsers(pool.marker)) == 1
-    assert leases.in_use() == 1
+    assert leases.live() == 1
     assert pool.stats()['live'] == 1
 
 
 def _start_two_drivers_and_hang(leases, browser_root, report):
-    pool = DriverPool(leases, browser_root=browser_root, instance='orphans', cpu_sampler=lambda over=None: 0.0)
+    pool = DriverPool(leases, browser_root=browser_root, namespace='orphans')
     pool.acquire()
     pool.acquire()
     report.put('ready')
@@ -334,7 +334,7 @@ def _start_two_drivers_and_hang(leases, browser_root, report):
 
 
 def test_killed_worker_leaves_no_orphans_once_the_supervisor_cleans_up(manager, browser_root):
-    leases = lease_registry(manager, 4)
+    leases = lease_registry(manager, 4, 4)
     context = multiprocessing.get_context('fork')
     report = context.Queue()
     worker = context.Process(target=_start_two_drivers_and_hang, args=(leases, browser_root, report))
@@ -352,11 +352,11 @@ def test_killed_worker_leaves_no_orphans_once_the_supervisor_cleans_up(manager, 
     assert kill_browser_processes(marker) >= 2 + 2 + 4
     wait_until(lambda: not processes(marker), timeout=5, message='every browser process of the dead worker to exit')
     assert leases.release_all_of(worker.pid) == 2
-    assert leases.in_use() == 0
+    assert leases.live() == 0
 
 
 def test_closed_pool_leaves_no_processes(manager, make_pool):
-    leases = lease_registry(manager, 3)
+    leases = lease_registry(manager, 3, 3)
     pool = make_pool(leases)
     pool.release(pool.acquire())
     pool.acquire()
@@ -368,123 +368,70 @@ def test_closed_pool_leaves_no_processes(manager, make_pool):
 
     assert processes(pool.marker) == {}
     assert not os.path.exists(pool.marker)
-    assert leases.in_use() == 0
+    assert leases.live() == 0
     assert leases.working() == 0
 
 
-# -- CPU admission --------------------------------------------------------------------------------
+# -- the rule: how many work, and idle before new ---------------------------------------------
 
-def test_two_drivers_per_core_always_work_and_more_only_while_the_cpu_has_room_for_them(
-        manager, make_pool, monkeypatch):
-    monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
-    leases = lease_registry(manager, 3)
-    reading = {'percent': 99.0, 'samples': 0}
+def test_working_limit_is_per_core_never_over_the_cap_and_only_the_cap_for_remote_browsers():
+    assert working_limit(8, 3, cores=2) == 6
+    assert working_limit(8, 3, cores=4) == 8
+    assert working_limit(8, 1, cores=1) == 1
+    assert working_limit(8, 3, remote=True, cores=1) == 8
 
-    def sampler(over=None):
-        reading['samples'] += 1
-        return reading['percent']
 
-    pool = make_pool(leases, max_drivers=3, cpus=1, cpu_busy_percent=85, cpu_sampler=sampler)
+def test_no_more_browsers_work_at_once_than_the_working_limit_and_a_freed_one_is_reused(manager, make_pool):
+    leases = lease_registry(manager, 4, 2)
+    pool = make_pool(leases)
     first, second = pool.acquire(), pool.acquire()
-    assert reading['samples'] == 0, 'up to two drivers per core the CPU is not even looked at'
-    with pytest.raises(PoolTimeout, match=r'CPU busy: 99% .*with 2 drivers working.*about 148% > 85%'):
+
+    with pytest.raises(PoolTimeout, match='2 browsers work on this machine already'):
         pool.acquire(timeout=0.3)
-    assert leases.in_use() == 2
-
-    waiting = {}
-    thread = threading.Thread(target=lambda: waiting.setdefault('driver', pool.acquire(timeout=20)))
-    thread.start()
-    samples = reading['samples']
-    wait_until(lambda: reading['samples'] > samples + 1, timeout=5, message='acquire() to wait on the CPU')
-    reading['percent'] = 50.0  # the third would take it to about 75%
-    thread.join(20)
-    assert waiting['driver'] not in (first, second)
-    assert leases.in_use() == 3
-
-    with pytest.raises(PoolTimeout, match='browser cap reached'):
-        pool.acquire(timeout=0.3)
-    assert pool.stats()['working'] == 3
-
-
-def test_an_idle_browser_takes_one_more_task_until_the_cpu_is_saturated(manager, make_pool, monkeypatch):
-    monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
-    monkeypatch.setattr(pool_module, 'COUNTS_MAX_AGE', 0.0)
-    leases = lease_registry(manager, 3)
-    reading = {'percent': 0.0}
-    pool = make_pool(leases, max_drivers=3, cpus=1, cpu_busy_percent=85,
-                     cpu_sampler=lambda over=None: reading['percent'])
-    drivers = [pool.acquire(), pool.acquire(), pool.acquire()]
-    for driver in drivers:
-        pool.release(driver)
-
-    reading['percent'] = 90.0  # too busy to start a third browser (about 135%), not to use an idle one
-    pool.acquire(), pool.acquire()
-    third = pool.acquire(timeout=0.3)
-    assert third in drivers
-    pool.release(third)
-    reading['percent'] = 96.0
-    with pytest.raises(PoolTimeout, match=r'CPU busy: 96% with 2 drivers working on this machine: saturated'):
-        pool.acquire(timeout=0.3)
-    assert pool.stats()['idle'] == 1
-
-
-def test_no_more_than_three_drivers_per_core_work_however_idle_the_cpu(manager, make_pool, monkeypatch):
-    monkeypatch.setattr(pool_module, 'START_WINDOW', 0.0)
-    leases = lease_registry(manager, 4)
-    pool = make_pool(leases, max_drivers=4, cpus=1, cpu_sampler=lambda over=None: 0.0)
-    pool.acquire(), pool.acquire(), pool.acquire()
-
-    with pytest.raises(PoolTimeout, match='3 drivers work on this machine, 3 per CPU'):
-        pool.acquire(timeout=0.3)
-    assert leases.in_use() == 3
+    assert leases.live() == 2
+    pool.release(first)
+    assert pool.acquire(timeout=5) is first
+    assert (leases.live(), leases.working()) == (2, 2)
+    assert pool.stats()['working'] == 2
 
 
 def test_an_idle_browser_in_another_worker_is_used_before_a_new_one_starts(manager, make_pool):
-    leases = lease_registry(manager, 4)
+    leases = lease_registry(manager, 4, 4)
     worker_a, worker_b = make_pool(leases), make_pool(leases)
     worker_a.release(worker_a.acquire())
 
     assert worker_b.reserve() is None
-    with pytest.raises(PoolTimeout, match='1 browsers are idle in other worker processes'):
+    with pytest.raises(PoolTimeout, match='1 browsers idle in other worker processes'):
         worker_b.acquire(timeout=0.3)
     room = worker_a.reserve()
     assert room is not None and room.browser is not None
     worker_a.cancel(room)
-    assert leases.in_use() == 1
+    assert leases.live() == 1
     assert leases.working() == 0
 
 
-def test_browsers_always_admitted_start_at_once_and_one_more_waits_until_the_last_start_shows_in_the_cpu(
-        manager, make_pool, monkeypatch):
-    monkeypatch.setattr(pool_module, 'START_WINDOW', 30.0)
-    leases = lease_registry(manager, 4)
-    pool = make_pool(leases, cpus=1)
-    pool.acquire(timeout=5), pool.acquire(timeout=5)  # within 30 s: no start waited for the last one
-
-    with pytest.raises(PoolTimeout, match='another browser is starting or just started'):
-        pool.acquire(timeout=0.3)
-    assert leases.in_use() == 2
-
-
 def test_a_reserved_idle_browser_is_set_aside_until_used_or_cancelled(manager, make_pool):
-    leases = lease_registry(manager, 2)
+    leases = lease_registry(manager, 2, 2)
     pool = make_pool(leases)
     driver = pool.acquire()
     pool.release(driver)
 
     room = pool.reserve()
     assert room.browser is not None
-    assert pool.stats()['idle'] == 0 and pool.stats()['reserved'] == 1
+    assert pool.stats()['idle'] == 0 and pool.stats()['working'] == 1
     assert leases.working() == 1, 'a reserved browser counts as working machine-wide'
     assert pool.acquire(room=room) is driver
     pool.cancel(room)  # spent: nothing happens
-    assert pool.stats()['leased'] == 1 and pool.stats()['reserved'] == 0
+    assert pool.stats()['working'] == 1 and leases.working() == 1
     pool.release(driver)
     assert leases.working() == 0
+    other = pool.reserve()
+    pool.cancel(other)
+    assert pool.stats()['idle'] == 1 and leases.working() == 0
 
 
 def test_a_start_room_whose_lease_another_worker_took_raises_pool_busy(manager, make_pool):
-    leases = lease_registry(manager, 1)
+    leases = lease_registry(manager, 1, 2)
     pool, other_worker = make_pool(leases), make_pool(leases)
     room = pool.reserve()
     assert room is not None and room.browser is None
@@ -496,28 +443,6 @@ def test_a_start_room_whose_lease_another_worker_took_raises_pool_busy(manager, 
     assert pool.stats()['live'] == 0
 
 
-def test_cpu_sampler_reads_proc_stat_once_per_window():
-    now = [10.0]
-    readings = iter([(100, 1000), (150, 1100), (230, 1200)])
-    reads = []
-
-    def read():
-        reads.append(now[0])
-        return next(readings)
-
-    def sleep(seconds):
-        now[0] += seconds
-
-    sampler = CpuSampler(window=0.5, read=read, clock=lambda: now[0], sleep=sleep)
-    assert sampler() == 50.0
-    now[0] += 0.3
-    assert sampler() == 50.0
-    now[0] += 0.3
-    assert sampler() == 80.0
-    assert reads == pytest.approx([10.0, 10.5, 11.1])
-    assert 0.0 <= CpuSampler(window=0.05)() <= 100.0
-
-
 # -- a remote chromedriver -------------------------------------------------------------------------
 
 def test_remote_webdriver_url_drivers_hold_leases_and_are_wiped(manager, make_pool, origins):
@@ -525,18 +450,18 @@ def test_remote_webdriver_url_drivers_hold_leases_and_are_wiped(manager, make_po
     url = f'http://127.0.0.1:{port}'
     chromedriver = subprocess.Popen(['/usr/bin/chromedriver', f'--port={port}'], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-    leases = lease_registry(manager, 1)
+    leases = lease_registry(manager, 1, 1)
     pool = make_pool(leases, webdriver_url=url)
     try:
         wait_until(lambda: answers(url + '/status'), timeout=10, message='the remote chromedriver to answer')
         driver = pool.acquire()
-        assert leases.in_use() == 1
+        assert leases.live() == 1
         load_user_page(driver, origins[0] + '/user')
         pool.release(driver)
         assert pool.acquire() is driver
         assert state_on(driver, origins[0]) == NOTHING
         pool.discard(driver)
-        assert leases.in_use() == 0
+        assert leases.live() == 0
     finally:
         pool.close()
         chromedriver.kill()
