@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import secrets
 
+from errors import Forbidden
+
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1
 PASSWORD_MAX_CHARS = 1024
 SESSION_COOKIE = 'topn_session'
@@ -81,6 +83,13 @@ def session_user(db, token):
 def close_session(db, token):
     if token and len(token) <= 100:
         db.delete_session(token_hash(token))
+
+
+def require_csrf(user, given):
+    """A state-changing request must carry its session's CSRF token (header or form field)."""
+    if not csrf_matches(user['csrf_token'], given):
+        raise Forbidden('csrf_failed', f'send the CSRF token of your session in the {CSRF_HEADER} header '
+                                       f'or the {CSRF_FIELD} field')
 
 
 def csrf_matches(expected, given):

@@ -27,23 +27,21 @@ import logging
 import math
 import os
 import pathlib
-import threading
 import time
 import urllib.parse
 import zoneinfo
 
 import bottle
 import jinja2
-import redis
-from selenium.common.exceptions import WebDriverException
 
 import auth
+import errors
+import tasks
 import web
-from accounts import COOKIE_LIMIT, AccountError, AccountStore, check_login, load_secret_key, parse_cookies
-from db import UNFINISHED, DatabaseUnavailable
-from pool import PoolClosed, PoolTimeout
+from accounts import COOKIE_LIMIT, AccountError, missing_cookies, parse_cookies
+from errors import BodyTooLarge, InvalidRequest, Refused
 from publishers import load_publishers
-from scheduler import InvalidRequest, Refused
+from publishers.content import articles_from_markdown
 
 log = logging.getLogger('topn.pages')
 
@@ -56,13 +54,12 @@ PLATFORM = '<platform:re:[a-z0-9_]{1,32}>'
 TASKS_PER_PAGE = 20
 STOP_POLLING = '286 Stop Polling'
 UPLOAD_SUFFIXES = ('.md', '.markdown', '.txt')
-ACCOUNT_CHECKS_AT_ONCE = 2
 
 STATUS_LABELS = {'pending': '等待中', 'running': '发布中', 'success': '已发布', 'failed': '失败',
                  'retry': '等待重试', 'cancelled': '已取消'}
 OUTCOME_LABELS = {'running': '进行中', 'success': '成功', 'failed': '失败', 'timeout': '超时',
                   'lost': '工作进程中断', 'unknown': '结果未知', 'cancelled': '已取消'}
-EVIDENCE_LABELS = {'screenshot.png': '截图', 'page.html': '页面', 'url.txt': '网址'}
+EVIDENCE_LABELS = {'screenshot.png': '截图', 'page.html': '页面', 'url.txt': '网址'}  # keys: tasks.EVIDENCE_FILES
 
 # What the page says for each refusal code. {where} names the article ("第 2 篇文章");
 # the other fields come from the configuration and the refusal (see `sentence`).
@@ -119,15 +116,6 @@ class PageRefused(Refused):
         self.sentence = message
 
 
-class ArticleRefused(Refused):
-    """The scheduler refused one article of the batch: `slot` says which (from 0)."""
-
-    def __init__(self, refusal, slot):
-        super().__init__(refusal.code, refusal.message, refusal.retry_after)
-        self.status = refusal.status
-        self.slot = slot
-
-
 @dataclasses.dataclass(slots=True)
 class TaskRow:
     """One row of the task table, as the template shows it."""
@@ -155,15 +143,16 @@ class Notice:
 
 
 class Pages:
-    def __init__(self, config, db, scheduler):
+    def __init__(self, config, db, scheduler, account_store, login_checker):
         self.config = config
         self.db = db
         self.scheduler = scheduler
+        self.account_store = account_store
+        self.login_checker = login_checker
         self.publishers = load_publishers(config)
         self.timezone = zoneinfo.ZoneInfo(config.display_timezone)
         self.throttle = auth.LoginThrottle(scheduler.redis, scheduler.keys.login_failures_prefix,
                                            config.login_max_failures, config.login_lockout)
-        self.account_checks = threading.BoundedSemaphore(ACCOUNT_CHECKS_AT_ONCE)
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
             trim_blocks=True, lstrip_blocks=True)
@@ -199,25 +188,23 @@ class Pages:
     # -- errors ----------------------------------------------------------------------
 
     def page_errors(self, handler):
+        """Answer whatever a handler raises as a page or, for htmx, a message in #flash: a
+        missing session goes to /login, everything else is worded from `errors.http_error`."""
         @functools.wraps(handler)
         def wrapper(*args, **kwargs):
             try:
                 return handler(*args, **kwargs)
             except LoginRequired:
                 return self.login_redirect()
-            except Refused as refusal:
-                return self.error_answer(refusal.status, self.sentence(refusal), refusal.retry_after)
-            except DatabaseUnavailable as error:
-                log.warning('%s %s: %s', bottle.request.method, bottle.request.path, error)
-                return self.error_answer(503, SENTENCES['database_unavailable'], 5)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                log.warning('%s %s: Redis: %s', bottle.request.method, bottle.request.path, error)
-                return self.error_answer(503, SENTENCES['redis_unavailable'], 5)
             except bottle.HTTPResponse:
                 raise
-            except Exception:
-                log.exception('%s %s failed', bottle.request.method, bottle.request.path)
-                return self.error_answer(500, SENTENCES['internal_error'])
+            except Exception as error:
+                status, code, retry_after = errors.http_error(error)
+                if status == 500:
+                    log.exception('%s %s failed', bottle.request.method, bottle.request.path)
+                elif errors.is_outage(code):
+                    log.warning('%s %s: %s', bottle.request.method, bottle.request.path, error)
+                return self.error_answer(status, self.sentence(error, code), retry_after)
         return wrapper
 
     def error_answer(self, status, sentence, retry_after=None):
@@ -231,34 +218,34 @@ class Pages:
             body = self.render('error.html', status=status, message=sentence)
         return bottle.HTTPResponse(body, status, headers)
 
-    def bottle_error_page(self, error):
+    def routing_error_page(self, error):
         """Bottle's own errors (no such page, wrong method) for a browser."""
-        codes = {400: 'bad_request', 404: 'not_found', 405: 'method_not_allowed', 413: 'body_too_large'}
-        code = codes.get(error.status_code, 'internal_error')
+        code = errors.ROUTING_CODES.get(error.status_code, 'internal_error')
         bottle.response.content_type = 'text/html; charset=utf-8'
-        return self.render('error.html', status=error.status_code,
-                           message=self.sentence(Refused(code, code)))
+        return self.render('error.html', status=error.status_code, message=self.sentence(None, code))
 
     def login_redirect(self):
         if is_htmx():
             return bottle.HTTPResponse('', 401, {'HX-Redirect': '/login'})
         return see_other('/login')
 
-    def sentence(self, refusal):
-        """The words a person reads for a refusal."""
-        if isinstance(refusal, PageRefused):
-            return refusal.sentence
-        slot = getattr(refusal, 'slot', None)
+    def sentence(self, error, code=None):
+        """The words a person reads for an error (a refusal, or another error's `code`)."""
+        code = code or error.code
+        if isinstance(error, PageRefused):
+            return error.sentence
+        article = getattr(error, 'article', None)
+        retry_after = getattr(error, 'retry_after', None)
         config = self.config
         fields = {
-            'where': f'第 {slot + 1} 篇文章' if slot is not None else '有一篇文章',
+            'where': f'第 {article + 1} 篇文章' if article is not None else '有一篇文章',
             'batch_max': config.batch_max,
             'title_max': config.title_max_chars, 'body_kib': config.body_max_bytes // 1024,
             'max_active': config.user_max_active, 'rate': config.user_rate, 'window': config.user_rate_window,
-            'retry_after': refusal.retry_after or config.user_rate_window,
+            'retry_after': retry_after or config.user_rate_window,
             'request_mib': round(config.max_request_bytes / 1024 / 1024, 1),
         }
-        return SENTENCES.get(refusal.code, UNKNOWN_REFUSAL).format(code=refusal.code, **fields)
+        return SENTENCES.get(code, UNKNOWN_REFUSAL).format(code=code, **fields)
 
     # -- request helpers -------------------------------------------------------------
 
@@ -274,13 +261,13 @@ class Pages:
         self.check_body_size()
         user = self.current_user()
         given = bottle.request.get_header(auth.CSRF_HEADER) or form_text(self.form(), auth.CSRF_FIELD)
-        web.require_csrf(user, given)
+        auth.require_csrf(user, given)
         return user
 
     def check_body_size(self):
         limit = self.config.max_request_bytes
         if bottle.request.content_length > limit:
-            raise web.BodyTooLarge('body_too_large', f'at most {limit} bytes are accepted')
+            raise BodyTooLarge('body_too_large', f'at most {limit} bytes are accepted')
 
     def form(self):
         """The posted fields (files too: see `typed_slots` and `uploaded_articles`)."""
@@ -373,7 +360,7 @@ class Pages:
             task_ids = self.submit(user, articles, platform, priority)
         except Refused as refusal:
             context = self.form_context(user, articles, platform, priority, Notice('error', self.sentence(refusal)),
-                                        bad_slot=getattr(refusal, 'slot', None))
+                                        bad_slot=refusal.article)
             headers = {'Retry-After': str(refusal.retry_after)} if refusal.retry_after else {}
             return self.form_answer(user, context, refusal.status, headers)
         log.info('user %s submitted %d tasks from the page', user['name'], len(task_ids))
@@ -384,21 +371,12 @@ class Pages:
         return self.form_answer(user, context, 200, {'HX-Trigger': 'tasks-changed'})
 
     def submit(self, user, articles, platform, priority):
-        """Admission as the API does it (all or nothing), after checks that let the page
-        say which article is wrong and that the platform has a stored login."""
+        """Admission as the API does it (all or nothing; a refused article is named by its
+        index), after checking that the platform has a stored login."""
         if not platform:
             raise InvalidRequest('unknown_platform', 'choose a platform')
         if platform not in dict(self.account_platforms(user)):
             raise InvalidRequest('no_account', f'no {platform} login is stored for this user')
-        if not articles:
-            raise InvalidRequest('empty_batch', 'a batch needs at least one article')
-        if len(articles) > self.config.batch_max:
-            raise InvalidRequest('batch_too_large', f'at most {self.config.batch_max} articles, not {len(articles)}')
-        for slot, article in enumerate(articles):
-            try:
-                self.scheduler.validate_batch({'platform': platform, 'priority': priority, 'articles': [article]})
-            except Refused as refusal:
-                raise ArticleRefused(refusal, slot) from None
         return self.scheduler.submit_batch(user['id'], {'platform': platform, 'priority': priority,
                                                         'articles': articles})
 
@@ -436,8 +414,8 @@ class Pages:
         return self.form_answer(user, context, 200)
 
     def uploaded_articles(self):
-        """Each uploaded .md / .txt file is one article: its first "# " heading is the
-        title (else the file's name), the rest is the body."""
+        """The articles of the uploaded .md / .txt files, split as the CLI splits them
+        (`articles_from_markdown`: each "# " heading starts one, titled by it)."""
         articles = []
         for upload in bottle.request.files.getall('files'):
             name = upload.raw_filename.replace('\\', '/').rsplit('/', 1)[-1]
@@ -453,8 +431,7 @@ class Pages:
                 text = raw.decode('utf-8-sig')
             except UnicodeDecodeError:
                 raise PageRefused('invalid_upload', f'“{name}”不是 UTF-8 编码的文本文件。') from None
-            title, body = split_first_heading(text.replace('\r\n', '\n'))
-            articles.append({'title': title or stem, 'content': body})
+            articles.extend(articles_from_markdown(text, stem))
         return articles
 
     def form_context(self, user, slots=None, platform='', priority='normal', notice=None, bad_slot=None):
@@ -493,10 +470,11 @@ class Pages:
     def tasks_context(self, user, notice=None):
         """One page of the user's tasks (one list query and one evidence query) and
         whether the table should keep polling (anything of the user's unfinished)."""
-        status, page, limit = table_query()
-        rows, counts = self.db.task_table(user['id'], status, (page - 1) * limit, limit)
+        status, page, limit = web.task_list_query(bottle.request.query, TASKS_PER_PAGE)
+        rows, counts = self.db.task_page(user['id'], status, (page - 1) * limit, limit)
         total = counts.get(status, 0) if status else sum(counts.values())
-        evidence = self.db.evidence_of([row['task_id'] for row in rows if row['status'] in ('failed', 'retry')])
+        evidence = self.db.evidence_of([row['task_id'] for row in rows
+                                        if row['status'] in (tasks.FAILED, tasks.RETRY)])
         query = {'status': status or '', 'page': page}
         if limit != TASKS_PER_PAGE:
             query['limit'] = limit
@@ -507,7 +485,7 @@ class Pages:
             'status_filter': status or '',
             'page': page,
             'pages': max(1, math.ceil(total / limit)),
-            'polling': any(counts.get(name) for name in UNFINISHED),
+            'polling': any(counts.get(name) for name in tasks.UNFINISHED),
             'table_query': urllib.parse.urlencode(query),
             'page_query': lambda number: urllib.parse.urlencode({**query, 'page': number}),
             'tasks_notice': notice,
@@ -527,11 +505,11 @@ class Pages:
             created_at=row['created_at'],
             completed_at=row['completed_at'],
             url=web_url(row['result_url']),
-            error=row['error_message'] if status in ('failed', 'retry', 'cancelled') else None,
+            error=row['error_message'] if status in (tasks.FAILED, tasks.RETRY, tasks.CANCELLED) else None,
             evidence=evidence_links(row['task_id'], *last_attempt) if last_attempt else [],
-            can_cancel=status in ('pending', 'retry') or (status == 'running' and not row['cancel_requested']),
-            cancelling=status == 'running' and bool(row['cancel_requested']),
-            can_retry=status in ('failed', 'cancelled'),
+            can_cancel=status in tasks.CANCELLABLE and not row['cancel_requested'],
+            cancelling=status == tasks.RUNNING and bool(row['cancel_requested']),
+            can_retry=status in tasks.REOPENABLE,
         )
 
     def cancel_task(self, task_id):
@@ -540,7 +518,7 @@ class Pages:
             outcome = self.scheduler.cancel(user['id'], task_id)
         except Refused as refusal:
             return self.tasks_answer(user, Notice('error', self.sentence(refusal)), refusal.status)
-        if outcome == 'cancelled':
+        if outcome == tasks.CANCELLED:
             return self.tasks_answer(user, Notice('ok', '任务已取消。'))
         return self.tasks_answer(user, Notice('ok', '任务正在发布，会在下一步停下；如果平台已经收下文章，它会以“已发布”结束。'))
 
@@ -574,11 +552,6 @@ class Pages:
 
     # -- platform logins ---------------------------------------------------------------
 
-    @functools.cached_property
-    def account_store(self):
-        """Made on first use: it may create the local key file (see accounts.load_secret_key)."""
-        return AccountStore(self.db, load_secret_key(self.config))
-
     def accounts_page(self):
         user = self.current_user()
         return self.render('accounts.html', user, **self.accounts_context(user))
@@ -605,14 +578,16 @@ class Pages:
     def save_account(self, platform):
         user = self.acting_user()
         publisher = self.login_platform(platform)
-        cookies = form_text(self.form(), 'cookies')
+        form = self.form()
+        fields = {name: form_text(form, name) for name in publisher.login_fields}
         try:
-            check_cookie_text(publisher, cookies)
-            self.account_store.save(user['id'], publisher, cookies)
+            if 'cookies' in fields:
+                check_cookie_text(publisher, fields['cookies'])
+            self.account_store.save(user['id'], publisher, fields)
         except PageRefused as refusal:
             return self.accounts_answer(user, Notice('error', refusal.sentence), refusal.status)
-        except AccountError:
-            return self.accounts_answer(user, Notice('error', COOKIE_FORMAT), 400)
+        except AccountError as refusal:
+            return self.accounts_answer(user, Notice('error', account_sentence(refusal)), 400)
         label = publisher.label or publisher.name
         return self.accounts_answer(user, Notice('ok', f'{label}的登录 Cookie 已保存。可以点“检查登录”确认它仍然有效。'))
 
@@ -630,17 +605,12 @@ class Pages:
         user = self.acting_user()
         publisher = self.login_platform(platform)
         label = publisher.label or publisher.name
-        if not self.account_checks.acquire(blocking=False):
-            return self.accounts_answer(user, Notice('error', '正在检查其他账号的登录，请稍后再试。'), 429)
         try:
-            ok, detail = check_login(self.config, self.db, self.account_store, publisher, user['id'])
-        except AccountError:
-            return self.accounts_answer(user, Notice('error', f'保存的{label}登录无法解密（密钥可能已更换），请重新保存 Cookie。'), 409)
-        except (PoolTimeout, PoolClosed, WebDriverException, TimeoutError) as error:
-            log.warning('login check of %s for user %s could not start a browser: %s', platform, user['name'], error)
-            return self.accounts_answer(user, Notice('error', '暂时无法启动浏览器进行检查，请稍后再试。'), 503)
-        finally:
-            self.account_checks.release()
+            ok, detail = self.login_checker.check(publisher, user['id'])
+        except Refused as refusal:
+            if refusal.code == 'browser_unavailable':
+                log.warning('login check of %s for user %s: %s', platform, user['name'], refusal.message)
+            return self.accounts_answer(user, Notice('error', self.sentence(refusal)), refusal.status)
         if ok:
             return self.accounts_answer(user, Notice('ok', f'{label}的登录有效（{detail}）。'))
         if ok is None:
@@ -664,7 +634,7 @@ class Pages:
         return self.render('_metrics.html', user, **self.metrics_context())
 
     def metrics_context(self):
-        return {'metrics': web.collect_metrics(self.db, self.scheduler), 'failures': self.db.recent_failures(10),
+        return {'metrics': self.scheduler.metrics(), 'failures': self.db.recent_failures(10),
                 'platform_label': self.platform_label}
 
 
@@ -680,10 +650,10 @@ def check_cookie_text(publisher, text):
     if len(text) > COOKIE_LIMIT:
         raise PageRefused('invalid_cookies', f'Cookie 太长了：最多 {COOKIE_LIMIT // 1024} KB。')
     try:
-        names = {name for name, _ in parse_cookies(text)}
+        pairs = parse_cookies(text)
     except AccountError:
         raise PageRefused('invalid_cookies', COOKIE_FORMAT) from None
-    missing = [name for name in publisher.required_cookies if name not in names]
+    missing = missing_cookies(publisher, pairs)
     if missing:
         raise PageRefused('invalid_cookies', f'缺少必需的 Cookie：{", ".join(missing)}。请从已登录的浏览器中复制完整的 Cookie。')
 
@@ -717,35 +687,12 @@ def form_texts(form, name):
     return texts
 
 
-def split_first_heading(text):
-    """(title, body): the first "# " heading outside code fences, and the text without
-    that line. The title is None when there is no such heading."""
-    lines = text.split('\n')
-    in_code = False
-    for index, line in enumerate(lines):
-        if line.lstrip().startswith('```'):
-            in_code = not in_code
-        elif not in_code and line.startswith('# ') and line[2:].strip():
-            after = lines[index + 1:]
-            while after and not after[0].strip():
-                after.pop(0)
-            return line[2:].strip(), '\n'.join(lines[:index] + after).strip()
-    return None, text.strip()
-
-
-def table_query():
-    """status, page and page size of the task table, from the query string."""
-    query = bottle.request.query
-    status = query.get('status') or None
-    if status is not None and status not in web.TASK_STATUSES:
-        raise InvalidRequest('invalid_status', 'unknown status')
-    page = web.positive_int(query.get('page'), 'page', default=1)
-    if page > web.MAX_PAGE:
-        raise InvalidRequest('invalid_page', f'page must be at most {web.MAX_PAGE}')
-    limit = web.positive_int(query.get('limit'), 'limit', default=TASKS_PER_PAGE)
-    if limit > web.MAX_PAGE_SIZE:
-        raise InvalidRequest('invalid_limit', f'limit must be at most {web.MAX_PAGE_SIZE}')
-    return status, page, limit
+def account_sentence(refusal):
+    """What the accounts page says when a login cannot be stored: the platform's own sentence
+    (a site that is not WordPress, say) where there is one."""
+    if refusal.code == 'invalid_cookies':
+        return COOKIE_FORMAT
+    return f'无法保存这个登录：{refusal.message}'
 
 
 def locked_message(seconds):

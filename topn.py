@@ -6,6 +6,7 @@
     python topn.py submit FILE... --user NAME [--platform P] [--urgent]
     python topn.py status [--user NAME]
     python topn.py account set USER PLATFORM --cookies 'a=1; b=2'   (or --cookies-file FILE)
+    python topn.py account set USER wordpress --site URL --username U --password P
     python topn.py account check USER PLATFORM
     python topn.py sandbox                           the local sandbox platform
     python topn.py demo                              local demo: a demo user, then serve
@@ -29,18 +30,24 @@ import time
 import urllib.error
 import urllib.request
 
+import bottle
 import redis
 import waitress
 
+import api
 import auth
+import pages
 import sandbox
-from accounts import AccountError, AccountStore, check_login, load_secret_key
+import web
+from accounts import AccountStore, LoginChecker, load_secret_key
 from config import Config, ConfigError
 from db import Database, DatabaseUnavailable
-from pool import browser_marker, find_browser_processes, kill_browser_processes, kill_until_gone, lease_registry
+from errors import Refused
+from pool import (browser_marker, find_browser_processes, kill_browser_processes, kill_until_gone, lease_registry,
+                  local_leases, working_limit)
 from publishers import load_publishers
-from scheduler import Refused, Scheduler, connect_redis
-from web import collect_metrics, make_app
+from publishers.content import articles_from_markdown
+from scheduler import Scheduler, connect_redis
 from worker import worker_id_for, worker_main
 
 log = logging.getLogger('topn')
@@ -50,11 +57,37 @@ BOOT_FAILURES_TOLERATED = 3
 DEMO_USER, DEMO_PASSWORD = 'demo', 'demo'
 
 
+# -- the web app -----------------------------------------------------------------------
+
+def make_app(config, db, scheduler, login_checker):
+    """The whole web app: the JSON API (api.py) and the pages (pages.py) side by side, on
+    one Bottle app with one answer for Bottle's own errors."""
+    app = bottle.Bottle()
+    api.Api(config, db, scheduler).mount(app)
+    site = pages.Pages(config, db, scheduler, login_checker.store, login_checker)
+    site.mount(app)
+
+    def routing_error(error):
+        return site.routing_error_page(error) if web.wants_html() else api.routing_error_answer(error)
+
+    for status in (400, 404, 405, 413, 500):
+        app.error(status)(routing_error)
+    app.add_hook('after_request', web.add_security_headers)
+    return app
+
+
+def browser_leases(manager, config):
+    """The machine's browser leases and work permits (pool.py states the rule)."""
+    return lease_registry(manager, config.max_drivers,
+                          working_limit(config.max_drivers, config.working_per_core, remote=bool(config.webdriver_url)))
+
+
 # -- the supervisor ------------------------------------------------------------------
 
 class Supervisor:
     """Forks the workers, restarts the ones that die, runs the reaper, and serves the web
-    app from a thread. Signal handlers only set a flag; `run()` does the work."""
+    app from a thread. Signal handlers only set a flag; `run()` does the work, one
+    `loop_once()` per reaper interval."""
 
     def __init__(self, config, run_web=True, run_workers=True, worker_target=None):
         self.config = config
@@ -68,6 +101,7 @@ class Supervisor:
         self.web_server = None
         self.manager = None
         self.leases = None
+        self.login_checker = None
         self.db = Database(config.mysql)
         self.redis = connect_redis(config.redis_url)
         self.scheduler = Scheduler(config, self.db, self.redis, load_publishers(config))
@@ -78,22 +112,31 @@ class Supervisor:
         ~30 ms about once in 80 (bench/web.py)."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        self.start()
+        gc.freeze()
+        while not self.stop_requested:
+            self.loop_once()
+            time.sleep(self.config.reaper_interval)
+        self.shutdown()
+        return self.exit_code
+
+    def start(self):
+        """The browser leases first (the web app's login checks and the workers share them),
+        then the web app, then the workers."""
+        self._start_lease_registry()
         if self.run_web:
             self._start_web()
         if self.run_workers:
-            self._start_lease_registry()
             for slot in range(self.config.workers):
                 self._spawn(slot)
         log.info('supervisor %s running: web=%s workers=%d', os.getpid(), self.run_web,
                  self.config.workers if self.run_workers else 0)
-        gc.freeze()
-        while not self.stop_requested:
-            if self.run_workers:
-                self._replace_dead_workers()
-                self.scheduler.reap_and_log_errors()
-            time.sleep(self.config.reaper_interval)
-        self._shutdown()
-        return self.exit_code
+
+    def loop_once(self):
+        """One turn of the supervisor: replace dead workers, one reaper pass."""
+        if self.run_workers:
+            self._replace_dead_workers()
+            self.scheduler.reap_and_log_errors()
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
@@ -102,7 +145,9 @@ class Supervisor:
 
     def _start_web(self):
         host, port = self.config.bind_host_port
-        app = make_app(self.config, self.db, self.scheduler)
+        store = AccountStore(self.db, load_secret_key(self.config))
+        self.login_checker = LoginChecker(self.config, store, self.leases)
+        app = make_app(self.config, self.db, self.scheduler, self.login_checker)
         self.web_server = waitress.create_server(
             app, host=host, port=port, threads=self.config.web_threads,
             max_request_body_size=self.config.max_request_bytes, ident='topn')
@@ -116,7 +161,7 @@ class Supervisor:
         The manager ignores SIGINT so a Ctrl-C reaches only the supervisor, which drains."""
         self.manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context('fork'))
         self.manager.start(initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-        self.leases = lease_registry(self.manager, self.config.max_drivers)
+        self.leases = browser_leases(self.manager, self.config)
 
     def _spawn(self, slot):
         process = multiprocessing.get_context('fork').Process(
@@ -148,7 +193,7 @@ class Supervisor:
     def _clean_up_after(self, pid):
         """A worker is gone: kill the browsers it left behind, return their leases, and let
         the reaper take its tasks back now instead of at lease expiry."""
-        marker = browser_marker(self.config.redis_prefix, pid, self.config.browser_root)
+        marker = browser_marker(self.config.browser_namespace, pid, self.config.browser_root)
         killed = len(find_browser_processes(marker))
         if not kill_until_gone(marker, timeout=5):
             log.error('browser processes of dead worker pid %s survive SIGKILL', pid)
@@ -165,10 +210,12 @@ class Supervisor:
 
     # -- shutdown ----------------------------------------------------------------------
 
-    def _shutdown(self):
+    def shutdown(self):
         log.info('stopping: no new work; running tasks have %.0f s to finish', self.config.shutdown_grace)
         if self.web_server is not None:
             self.web_server.close()
+        if self.login_checker is not None:
+            self.login_checker.close()
         for process, _ in self.workers.values():
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
@@ -182,15 +229,14 @@ class Supervisor:
                 process.kill()
                 process.join()
                 self._clean_up_after(process.pid)
-        if self.run_workers:
-            kill_browser_processes(os.path.join(self.config.browser_root, self.config.redis_prefix) + '/')
-            self.manager.shutdown()
+        kill_browser_processes(os.path.join(self.config.browser_root, self.config.browser_namespace) + '/')
+        self.manager.shutdown()
         log.info('stopped')
 
 
 def _worker_entry(config, leases):
     name_this_process('topn-worker')
-    configure_logging()
+    configure_logging(config.log_level)
     worker_main(config, leases)
 
 
@@ -247,12 +293,12 @@ def cmd_submit(config, args):
 def cmd_status(config, args):
     db = Database(config.mysql)
     scheduler = Scheduler(config, db, connect_redis(config.redis_url), load_publishers(config))
-    report = collect_metrics(db, scheduler)
+    report = scheduler.metrics()
     if args.user:
         user = db.user_by_name(args.user)
         if user is None:
             raise CommandError(f'no user {args.user!r}')
-        rows, total = db.list_tasks(user['id'], limit=50)
+        rows, _ = db.task_page(user['id'], limit=50)
         report['tasks'] = [{'task_id': r['task_id'], 'status': r['status'], 'progress': r['progress'],
                             'title': r['article_title'], 'result_url': r['result_url'],
                             'error': r['error_message']} for r in rows]
@@ -269,15 +315,36 @@ def cmd_account(config, args):
         raise CommandError(f'{args.platform!r} is not a platform that takes a login')
     store = AccountStore(db, load_secret_key(config))
     if args.action == 'set':
-        cookies = pathlib.Path(args.cookies_file).read_text(encoding='utf-8-sig') if args.cookies_file else args.cookies
-        if not cookies:
-            raise CommandError('give the login as --cookies "a=1; b=2" or --cookies-file FILE')
-        store.save(user['id'], publisher, cookies)
+        store.save(user['id'], publisher, login_fields_from(args, publisher))
         print(json.dumps({'user': args.user, 'platform': args.platform, 'stored': True}))
         return 0
-    ok, detail = check_login(config, db, store, publisher, user['id'])
+    checker = LoginChecker(config, store, local_leases(1, 1))
+    try:
+        ok, detail = checker.check(publisher, user['id'])
+    finally:
+        checker.close()
     print(json.dumps({'user': args.user, 'platform': args.platform, 'ok': ok, 'detail': detail}, ensure_ascii=False))
     return {True: 0, False: 1, None: 3}[ok]
+
+
+def login_fields_from(args, publisher):
+    """The login a user gives on the command line, as the publisher's `login_fields`."""
+    given = {
+        'cookies': read_file(args.cookies_file) if args.cookies_file else args.cookies,
+        'site': args.site,
+        'username': args.username,
+        'password': read_file(args.password_file).strip() if args.password_file else args.password,
+    }
+    flags = {'cookies': '--cookies "a=1; b=2" (or --cookies-file FILE)', 'site': '--site URL',
+             'username': '--username NAME', 'password': '--password PW (or --password-file FILE)'}
+    missing = [flags[name] for name in publisher.login_fields if not given.get(name)]
+    if missing:
+        raise CommandError(f'{publisher.name} needs {", ".join(missing)}')
+    return {name: given[name] for name in publisher.login_fields}
+
+
+def read_file(path):
+    return pathlib.Path(path).read_text(encoding='utf-8-sig')
 
 
 def cmd_sandbox(config, args):
@@ -300,7 +367,8 @@ def cmd_demo(config, args):
     else:
         db.set_user_token(user['id'], auth.token_hash(token))
     cookies = sandbox_session(config.sandbox_url, DEMO_USER, DEMO_PASSWORD)
-    AccountStore(db, load_secret_key(config)).save(user['id'], load_publishers(config)['sandbox'], cookies)
+    AccountStore(db, load_secret_key(config)).save(user['id'], load_publishers(config)['sandbox'],
+                                                   {'cookies': cookies})
     host, port = config.bind_host_port
     url = f'http://{host}:{port}'
     print(f'\nTOP_N is starting on {url}/\n'
@@ -351,42 +419,27 @@ def sandbox_session(base_url, name, password):
 
 
 def batch_from_files(paths, platform, urgent):
-    """One JSON batch file (the API's create_batch shape), or Markdown files in which
-    every top-level `# heading` starts an article (a file without one is one article
-    titled by its file name)."""
+    """One JSON batch file (the API's create_batch shape), or Markdown files split into
+    articles as the page splits them (`articles_from_markdown`)."""
     paths = [pathlib.Path(p) for p in paths]
     if len(paths) == 1 and paths[0].suffix == '.json':
-        payload = json.loads(paths[0].read_text(encoding='utf-8-sig'))
+        payload = json.loads(read_file(paths[0]))
         if platform:
             payload['platform'] = platform
     else:
-        payload = {'platform': platform, 'articles': [a for p in paths for a in markdown_articles(p)]}
+        payload = {'platform': platform,
+                   'articles': [a for p in paths for a in articles_from_markdown(read_file(p), p.stem)]}
     if urgent:
         payload['priority'] = 'urgent'
     return payload
-
-
-def markdown_articles(path):
-    articles, title, body, in_code = [], None, [], False
-    for line in path.read_text(encoding='utf-8-sig').splitlines():
-        if line.lstrip().startswith('```'):
-            in_code = not in_code
-        if line.startswith('# ') and not in_code:
-            if title is not None or '\n'.join(body).strip():
-                articles.append({'title': title or path.stem, 'content': '\n'.join(body).strip()})
-            title, body = line[2:].strip(), []
-        else:
-            body.append(line)
-    articles.append({'title': title or path.stem, 'content': '\n'.join(body).strip()})
-    return articles
 
 
 class CommandError(Exception):
     pass
 
 
-def configure_logging():
-    logging.basicConfig(level=os.environ.get('TOPN_LOG_LEVEL', 'INFO'),
+def configure_logging(level='INFO'):
+    logging.basicConfig(level=level.upper(), force=True,
                         format='%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s')
     # waitress warns once per request queued behind busy threads: thousands of lines a
     # minute under load, and the requests are served anyway.
@@ -422,6 +475,10 @@ def build_parser():
     account.add_argument('platform')
     account.add_argument('--cookies', help='the cookies of a logged-in session: "name=value; name2=value2"')
     account.add_argument('--cookies-file', help='a file holding that cookie string')
+    account.add_argument('--site', help='the site to publish to (WordPress): https://blog.example.com')
+    account.add_argument('--username', help='the user name to log in with (WordPress)')
+    account.add_argument('--password', help='the password to log in with (WordPress)')
+    account.add_argument('--password-file', help='a file holding that password')
     account.set_defaults(run=cmd_account)
     commands.add_parser('sandbox', help='serve the local sandbox platform on TOPN_SANDBOX_BIND').set_defaults(
         run=cmd_sandbox)
@@ -434,8 +491,9 @@ def main(argv=None):
     configure_logging()
     try:
         config = Config.from_env()
+        configure_logging(config.log_level)
         return args.run(config, args) or 0
-    except (ConfigError, CommandError, DatabaseUnavailable, AccountError) as error:
+    except (ConfigError, CommandError, DatabaseUnavailable) as error:
         print(f'topn: {error}', file=sys.stderr)
         return 2
     except redis.RedisError as error:
