@@ -7,9 +7,5 @@ from publishers.zhihu import ZhihuPublisher
 PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher, ZhihuPublisher)
 
 
-def platform_names():
-    return [cls.name for cls in PUBLISHER_CLASSES]
-
-
 def load_publishers(config):
     return {cls.name: cls.from_config(config) for cls in PUBLISHER_CLASSES}

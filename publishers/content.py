@@ -39,3 +39,23 @@ class _TextCollector(html.parser.HTMLParser):
 
     def handle_data(self, data):
         self.parts.append(data)
+
+
+def articles_from_markdown(text, default_title):
+    """The articles of a Markdown text, by one rule for the CLI and the page alike: every
+    "# " heading outside code fences starts an article titled by it, and text before the
+    first heading opens the first article's body; a text without such a heading is one
+    article titled `default_title` (a file's name)."""
+    preface, articles, in_code = [], [], False
+    for line in text.replace('\r\n', '\n').split('\n'):
+        if line.lstrip().startswith('```'):
+            in_code = not in_code
+        if not in_code and line.startswith('# ') and line[2:].strip():
+            articles.append((line[2:].strip(), []))
+        else:
+            (articles[-1][1] if articles else preface).append(line)
+    if not articles:
+        return [{'title': default_title, 'content': '\n'.join(preface).strip()}]
+    bodies = ['\n'.join(body).strip() for _, body in articles]
+    bodies[0] = '\n\n'.join(part for part in ('\n'.join(preface).strip(), bodies[0]) if part)
+    return [{'title': title, 'content': body} for (title, _), body in zip(articles, bodies)]

@@ -12,7 +12,6 @@ import re
 
 from selenium.common.exceptions import WebDriverException
 
-from accounts import parse_cookies
 from publishers import content
 from publishers.base import LoginExpired, Publisher, PublishError
 from publishers.browser import click, fetch, import_cookies, wait_for
@@ -149,7 +148,7 @@ class SandboxPublisher(Publisher):
     # -- steps ---------------------------------------------------------------------------
 
     def _log_in(self, driver, account):
-        import_cookies(driver, self.base_url, parse_cookies(account['cookies']))
+        import_cookies(driver, self.base_url, account['cookies'])
         self._open_editor(driver)
 
     def _open_editor(self, driver):

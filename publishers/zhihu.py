@@ -166,7 +166,7 @@ class ZhihuSession:
     def __init__(self, driver, origins, account, seconds_left):
         self.driver = driver
         self.origins = origins
-        self.cookies = parse_cookie_string((account or {}).get('cookies', ''))
+        self.cookies = dict((account or {}).get('cookies', ()))
         self.seconds_left = seconds_left
 
     # -- login -------------------------------------------------------------------------
@@ -415,16 +415,6 @@ def _zhihu_table(match):
 
 
 # -- small helpers --------------------------------------------------------------------------------
-
-def parse_cookie_string(text):
-    """'a=1; b="x|y"' -> {'a': '1', 'b': '"x|y"'} (values kept exactly, quotes included)."""
-    cookies = {}
-    for part in (text or '').replace('\n', ';').split(';'):
-        name, sep, value = part.strip().partition('=')
-        if sep and name.strip():
-            cookies[name.strip()] = value.strip()
-    return cookies
-
 
 def cookie_domain(*hosts):
     """The parent domain every host shares ('.zhihu.com' for zhuanlan. and www.), or None when
