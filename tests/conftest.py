@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -23,19 +24,24 @@ import uuid
 import pymysql
 import pytest
 import redis as redis_lib
+import waitress.server
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import auth  # noqa: E402
+import sandbox  # noqa: E402
 from config import Config  # noqa: E402
-from db import Database  # noqa: E402
+from db import Database, schema_statements  # noqa: E402
+from publishers.base import PublishError  # noqa: E402
+from publishers.browser import wait_for  # noqa: E402
 from publishers import load_publishers  # noqa: E402
 from scheduler import Scheduler, connect_redis  # noqa: E402
 
 MYSQL_HOST = os.environ.get('TOPN_TEST_MYSQL_HOST', '127.0.0.1')
 MYSQL_PORT = int(os.environ.get('TOPN_TEST_MYSQL_PORT', '3306'))
 REDIS_URL = os.environ.get('TOPN_TEST_REDIS_URL', 'redis://127.0.0.1:6379/0')
+SECRET = 'test-secret-key'
 RUN_ID = uuid.uuid4().hex[:8]
 TEST_DATABASE = f'topn_test_{RUN_ID}'
 TEST_PREFIX = f'topn-test-{RUN_ID}'
@@ -46,15 +52,12 @@ START_REDIS = 'start it with: redis-server --daemonize yes --bind 127.0.0.1 --po
 
 
 def wait_until(condition, timeout=10.0, interval=0.05, message='condition'):
-    """Poll `condition` until it returns something truthy; fail with `message` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {message}')
-        time.sleep(interval)
+    """Poll `condition` with the product's own poll (publishers.browser.wait_for) until it
+    returns something truthy; fail the test with `message` at the deadline."""
+    try:
+        return wait_for(condition, timeout, message, interval)
+    except PublishError as error:
+        raise AssertionError(str(error)) from None
 
 
 # -- services ----------------------------------------------------------------------------
@@ -89,13 +92,18 @@ def delete_prefix(client, prefix):
         client.delete(key)
 
 
+def schema_tables():
+    """Every table schema.sql creates."""
+    found = (re.match(r'CREATE TABLE IF NOT EXISTS (\w+)', statement) for statement in schema_statements())
+    return [match.group(1) for match in found if match]
+
+
 def truncate_tables(database_name):
     conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', database=database_name)
     try:
         with conn.cursor() as cur:
             cur.execute('SET FOREIGN_KEY_CHECKS = 0')
-            for table in ('publish_history', 'publish_tasks', 'articles', 'platform_accounts', 'web_sessions',
-                          'users'):
+            for table in schema_tables():
                 cur.execute(f'TRUNCATE TABLE {table}')
             cur.execute('SET FOREIGN_KEY_CHECKS = 1')
         conn.commit()
@@ -110,7 +118,7 @@ def config(mysql_database, redis_server):
     delete_prefix(redis_server, TEST_PREFIX)
     yield Config(
         mysql_url=f'mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{mysql_database}',
-        redis_url=REDIS_URL, redis_prefix=TEST_PREFIX,
+        redis_url=REDIS_URL, redis_prefix=TEST_PREFIX, browser_namespace=TEST_PREFIX,
         retry_backoff=0.05, unknown_outcome_settle=0.2, lease_ttl=2.0, heartbeat_interval=0.5, reaper_interval=0.1,
         reconcile_interval=1.0, shutdown_grace=10.0)
     delete_prefix(redis_server, TEST_PREFIX)
@@ -190,6 +198,51 @@ def headless_browser(monkeypatch):
     driver.quit()
 
 
+def count_tasks(db, user_id=None):
+    with db.transaction() as cur:
+        if user_id is None:
+            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks')
+        else:
+            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s', (user_id,))
+        return cur.fetchone()['n']
+
+
+# -- the sandbox platform --------------------------------------------------------------------
+
+class Sandbox:
+    """The sandbox platform served from a thread of the test process, on its own port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.server = waitress.server.create_server(sandbox.make_app(), host='127.0.0.1', port=self.port, threads=8)
+        threading.Thread(target=self.server.run, daemon=True).start()
+
+    def call(self, method, path, body=None):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode() if body is not None else None,
+                                         {'Content-Type': 'application/json'}, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def session_for(self, name):
+        self.call('POST', '/api/accounts', {'name': name, 'password': 'pw-' + name})
+        return self.call('POST', '/api/session', {'name': name, 'password': 'pw-' + name})['cookies']
+
+    def articles(self):
+        return self.call('GET', '/api/articles')['articles']
+
+    def faults(self, **knobs):
+        return self.call('POST', '/api/faults', knobs)
+
+
+@pytest.fixture(scope='module')
+def platform():
+    """The sandbox platform for a module's tests, served from this process."""
+    served = Sandbox()
+    yield served
+    served.server.close()
+
+
 # -- the web app in-process ------------------------------------------------------------------
 
 class WsgiClient:
@@ -240,10 +293,18 @@ class Response:
         return json.loads(self.body)
 
 
+def web_app(config, db, scheduler, max_drivers=2):
+    """The web app as the supervisor builds it, its login checks under leases of its own."""
+    from accounts import AccountStore, LoginChecker, load_secret_key
+    from pool import local_leases
+    from topn import make_app
+    checker = LoginChecker(config, AccountStore(db, load_secret_key(config)), local_leases(max_drivers, max_drivers))
+    return make_app(config, db, scheduler, checker)
+
+
 @pytest.fixture
 def client(config, db, scheduler):
-    from web import make_app
-    return WsgiClient(make_app(config, db, scheduler))
+    return WsgiClient(web_app(config, db, scheduler))
 
 
 # -- the real service in subprocesses ------------------------------------------------------
@@ -332,7 +393,8 @@ def start_service(config, tmp_path):
     services = []
     base_env = {
         'TOPN_MYSQL_URL': config.mysql_url, 'TOPN_REDIS_URL': config.redis_url,
-        'TOPN_REDIS_PREFIX': config.redis_prefix, 'TOPN_RETRY_BACKOFF': '0.05', 'TOPN_LEASE_TTL': '2',
+        'TOPN_REDIS_PREFIX': config.redis_prefix, 'TOPN_BROWSER_NAMESPACE': config.browser_namespace,
+        'TOPN_RETRY_BACKOFF': '0.05', 'TOPN_LEASE_TTL': '2',
         'TOPN_HEARTBEAT_INTERVAL': '0.5', 'TOPN_REAPER_INTERVAL': '0.1', 'TOPN_RECONCILE_INTERVAL': '1',
         'TOPN_SHUTDOWN_GRACE': '10', 'TOPN_LOG_LEVEL': 'INFO', 'TOPN_UNKNOWN_OUTCOME_SETTLE': '0.2',
     }
@@ -364,12 +426,7 @@ def run_worker(config, scheduler):
     def run(publishers=None, worker_id=None, slots=None):
         worker_config = dataclasses.replace(config, worker_slots=slots or config.worker_slots)
         worker = Worker(worker_config, worker_id=worker_id or f'test-worker-{len(workers)}', publishers=publishers)
-        threads = [threading.Thread(target=worker.slot_loop, daemon=True) for _ in range(worker_config.worker_slots)]
-        heartbeat = threading.Thread(target=worker.heartbeat_loop, daemon=True)
-        heartbeat.start()
-        for thread in threads:
-            thread.start()
-        worker.threads = threads
+        worker.threads = worker.start_threads()
         workers.append(worker)
         return worker
 

@@ -13,11 +13,10 @@ import uuid
 
 import pytest
 
-from conftest import WsgiClient, batch, free_port
+from conftest import WsgiClient, batch, count_tasks, free_port, web_app
 from db import Database
 from publishers import load_publishers
 from scheduler import Keys, Scheduler, connect_redis
-from web import make_app
 
 CREATE = '/api/publish/create_batch'
 STATUS = '/api/publish/tasks/status'
@@ -56,15 +55,6 @@ def assert_error(response, status, code):
     return body['error']
 
 
-def count_tasks(db, user_id=None):
-    with db.transaction() as cur:
-        if user_id is None:
-            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks')
-        else:
-            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s', (user_id,))
-        return cur.fetchone()['n']
-
-
 def task_row(db, task_id):
     with db.transaction() as cur:
         cur.execute('SELECT * FROM publish_tasks WHERE task_id = %s', (task_id,))
@@ -88,7 +78,7 @@ def queued_ids(redis_client, config, user):
 
 
 def app_client(config, db, redis_client):
-    return WsgiClient(make_app(config, db, Scheduler(config, db, redis_client, load_publishers(config))))
+    return WsgiClient(web_app(config, db, Scheduler(config, db, redis_client, load_publishers(config))))
 
 
 def parse_utc(value):
@@ -252,7 +242,7 @@ def test_batch_where_only_the_third_article_is_bad_creates_none_of_them(client, 
     response = client.post(CREATE, payload, headers=alice.headers)
 
     error = assert_error(response, 400, 'empty_content')
-    assert 'article 3' in error['message']
+    assert error['article_index'] == 2
     assert count_tasks(db) == 0
     assert queued_ids(redis_client, config, alice) == []
 
@@ -879,7 +869,7 @@ def test_healthz_reports_mysql_and_redis_ok(client):
 
 def redis_down_client(config, db):
     scheduler = Scheduler(config, db, connect_redis(f'redis://127.0.0.1:{free_port()}/0'), load_publishers(config))
-    return WsgiClient(make_app(config, db, scheduler))
+    return WsgiClient(web_app(config, db, scheduler))
 
 
 def test_healthz_answers_503_when_redis_is_down(config, db):
@@ -912,7 +902,7 @@ def test_cancel_still_works_in_mysql_while_redis_is_down(client, config, db, mak
 
 def mysql_down_client(config, redis_client):
     down = Database({**config.mysql, 'port': free_port()}, connect_timeout=2)
-    return WsgiClient(make_app(config, down, Scheduler(config, down, redis_client, load_publishers(config))))
+    return WsgiClient(web_app(config, down, Scheduler(config, down, redis_client, load_publishers(config))))
 
 
 def test_tasks_list_answers_503_database_unavailable_when_mysql_is_down(config, redis_client, make_user):

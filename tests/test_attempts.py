@@ -181,7 +181,7 @@ def test_cancel_after_the_platform_accepted_ends_success_with_the_url(scheduler,
 
 
 def test_cancelling_a_finished_task_is_a_conflict(scheduler, make_user, db):
-    from scheduler import Conflict
+    from errors import Conflict
     alice = make_user('alice')
     [task_id] = scheduler.submit_batch(alice.id, batch(1))
     scheduler.record_success(scheduler.claim('w'), 'https://platform.test/p/1')

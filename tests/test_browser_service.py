@@ -16,45 +16,9 @@ import waitress.server
 
 import sandbox
 from accounts import AccountStore
-from conftest import answers, batch, free_port, http, wait_until
+from conftest import SECRET, answers, batch, free_port, http, wait_until
 from pool import find_browser_processes
 from publishers import load_publishers
-
-SECRET = 'test-secret-key'
-
-
-class Sandbox:
-    """The sandbox platform served from a thread of the test process, on its own port."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.server = waitress.server.create_server(sandbox.make_app(), host='127.0.0.1', port=self.port, threads=8)
-        threading.Thread(target=self.server.run, daemon=True).start()
-
-    def call(self, method, path, body=None):
-        request = urllib.request.Request(self.url + path, json.dumps(body).encode() if body is not None else None,
-                                         {'Content-Type': 'application/json'}, method=method)
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def session_for(self, name):
-        self.call('POST', '/api/accounts', {'name': name, 'password': 'pw-' + name})
-        return self.call('POST', '/api/session', {'name': name, 'password': 'pw-' + name})['cookies']
-
-    def articles(self):
-        return self.call('GET', '/api/articles')['articles']
-
-    def faults(self, **knobs):
-        return self.call('POST', '/api/faults', knobs)
-
-
-@pytest.fixture(scope='module')
-def platform():
-    served = Sandbox()
-    yield served
-    served.server.close()
-
 
 @pytest.fixture
 def sandbox_platform(platform):
@@ -80,7 +44,7 @@ def sandbox_user(make_user, db, config, sandbox_platform):
 
     def make(name):
         user = make_user(name)
-        store.save(user.id, publisher, sandbox_platform.session_for(name))
+        store.save(user.id, publisher, {'cookies': sandbox_platform.session_for(name)})
         return user
     return make
 
@@ -251,7 +215,7 @@ def test_platform_faults_are_retried_then_fail_with_evidence(
     assert [h['outcome'] for h in db.history(task_id)] == ['failed'] * 3
     assert sandbox_platform.articles() == []
     assert [e['attempt'] for e in task['evidence']] == [1, 2, 3]
-    screenshot = task['evidence'][-1]['files'][-1]
+    [screenshot] = [f for f in task['evidence'][-1]['files'] if f.endswith('screenshot.png')]
     request = urllib.request.Request(service.url + screenshot, headers=alice.headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.read(8) == b'\x89PNG\r\n\x1a\n'

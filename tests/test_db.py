@@ -1,8 +1,12 @@
-"""The MySQL layer's promises: transactions that MySQL rolled back are run again, safely."""
+"""The MySQL layer's promises: transactions that MySQL rolled back are run again, safely; the
+schema speaks the vocabulary of tasks.py."""
+
+import re
 
 import pymysql
 
-from conftest import MYSQL_HOST, MYSQL_PORT
+import tasks
+from conftest import MYSQL_HOST, MYSQL_PORT, ROOT
 
 
 def raw_connection(database):
@@ -51,3 +55,15 @@ def test_transaction_on_a_killed_connection_is_run_again_on_a_new_one(db, make_u
 
     assert db.user_by_name('alice')['id'] == alice.id
     assert connection_id(db) != killed
+
+
+def test_schema_enums_hold_exactly_the_statuses_outcomes_and_priorities_of_tasks_py():
+    schema = (ROOT / 'schema.sql').read_text()
+
+    def enum_of(column):
+        values = re.search(rf'\n\s*{column}\s+ENUM\(([^)]*)\)', schema).group(1)
+        return tuple(value.strip().strip("'") for value in values.split(','))
+
+    assert enum_of('status') == tasks.STATUSES
+    assert enum_of('outcome') == tasks.OUTCOMES
+    assert enum_of('priority') == tasks.PRIORITIES

@@ -18,14 +18,11 @@ import uuid
 import pytest
 
 from accounts import AccountStore
-from conftest import batch
+from conftest import SECRET, Sandbox, batch, count_tasks, web_app
 from db import Database
 from publishers import load_publishers
 from scheduler import Keys, Scheduler
-from test_browser_service import Sandbox
-from web import make_app
 
-SECRET = 'test-secret-key'
 PASSWORD = 'secret'
 LOGIN_DELAY = 0.3
 
@@ -191,7 +188,7 @@ def site(config, db, scheduler, tmp_path):
         settings = {'login_failure_delay': LOGIN_DELAY, 'secret_key': SECRET, 'state_dir': str(tmp_path / 'state'),
                     **overrides}
         app_config = dataclasses.replace(config, **settings)
-        return Browser(make_app(app_config, db, Scheduler(app_config, db, scheduler.redis,
+        return Browser(web_app(app_config, db, Scheduler(app_config, db, scheduler.redis,
                                                            load_publishers(app_config))))
     return make
 
@@ -202,16 +199,7 @@ def browser(site):
 
 
 def store_login(db, config, user, platform='sandbox', cookies='sbx_session=s3cr3t-session-value'):
-    AccountStore(db, SECRET).save(user.id, load_publishers(config)[platform], cookies)
-
-
-def count_tasks(db, user_id=None):
-    with db.transaction() as cur:
-        if user_id is None:
-            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks')
-        else:
-            cur.execute('SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s', (user_id,))
-        return cur.fetchone()['n']
+    AccountStore(db, SECRET).save(user.id, load_publishers(config)[platform], {'cookies': cookies})
 
 
 def article_fields(*articles, platform='sandbox'):
@@ -669,7 +657,8 @@ def test_account_cookies_are_saved_replaced_and_deleted_and_never_shown_back(bro
     for response in (saved, replaced, page):
         assert 'SECRET' not in response.text
     assert 'SECRET' not in db.account_secret(alice.id, 'sandbox')
-    assert AccountStore(db, SECRET).load(alice.id, 'sandbox') == {'cookies': 'sbx_session=second-SECRET-value; other=1'}
+    assert AccountStore(db, SECRET).load(alice.id, 'sandbox') == {
+        'cookies': [('sbx_session', 'second-SECRET-value'), ('other', '1')]}
     assert browser.get('/').scan.platforms == ['sandbox']
 
     deleted = browser.post('/accounts/sandbox/delete', htmx=True)
@@ -742,7 +731,7 @@ def test_admin_sees_live_metrics_and_prometheus_text(site, make_user, scheduler,
     text = prometheus.body.decode()
     assert 'topn_tasks{status="pending"} 2' in text and 'topn_queue_length{user="alice"} 2' in text
     assert 'topn_browsers_max 8' in text and by_session.status == 200
-    assert as_json['browser_pool'] == {'leased': 0, 'idle': 0, 'max': 8}
+    assert as_json['browser_pool'] == {'working': 0, 'idle': 0, 'max': 8}
     assert as_json['tasks_by_status']['pending'] == 2
 
 
@@ -767,7 +756,7 @@ def test_errors_reach_the_browser_as_a_short_page_without_a_trace(site, make_use
 
     def broken(*args, **kwargs):
         raise RuntimeError('a bug with a secret detail')
-    monkeypatch.setattr(db, 'task_table', broken)
+    monkeypatch.setattr(db, 'task_page', broken)
     page = browser.get('/')
     fragment = browser.get('/fragments/tasks', htmx=True)
     unknown = browser.get('/no-such-page')
@@ -782,7 +771,7 @@ def test_errors_reach_the_browser_as_a_short_page_without_a_trace(site, make_use
 def test_mysql_away_answers_503_in_words(config, redis_client):
     app_config = dataclasses.replace(config, mysql_url='mysql://root@127.0.0.1:1/nothing')
     away = Database(app_config.mysql, connect_timeout=1)
-    app = make_app(app_config, away, Scheduler(app_config, away, redis_client, load_publishers(app_config)))
+    app = web_app(app_config, away, Scheduler(app_config, away, redis_client, load_publishers(app_config)))
     browser = Browser(app)
     browser.cookies['topn_session'] = 'anything'
 

@@ -1,5 +1,6 @@
 """The supervisor's rules for its children, with real forked processes."""
 
+import dataclasses
 import sys
 
 from conftest import wait_until
@@ -11,19 +12,18 @@ def dies_at_start(config, leases):
 
 
 def test_supervisor_gives_up_instead_of_spinning_when_workers_die_at_start_up(config):
-    supervisor = Supervisor(config, run_web=False, worker_target=dies_at_start)
-    supervisor._start_lease_registry()
-    supervisor._spawn(0)
+    supervisor = Supervisor(dataclasses.replace(config, workers=1), run_web=False, worker_target=dies_at_start)
+    supervisor.start()
 
     def gave_up():
-        supervisor._replace_dead_workers()
+        supervisor.loop_once()
         return supervisor.stop_requested
 
     wait_until(gave_up, timeout=20, message='the supervisor to give up')
     assert supervisor.exit_code == 1
     assert supervisor.boot_failures[0] == 3
     assert not any(process.is_alive() for process, _ in supervisor.workers.values())
-    supervisor.manager.shutdown()
+    supervisor.shutdown()
 
 
 def test_exit_descriptions_name_the_signal_or_the_code():

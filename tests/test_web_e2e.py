@@ -14,9 +14,8 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 
 from accounts import AccountStore
-from conftest import wait_until
+from conftest import SECRET, wait_until
 from publishers import load_publishers
-from test_browser_service import SECRET, Sandbox
 
 PUBLISH_LATENCY_MS = 3000
 PACING = 5
@@ -38,13 +37,6 @@ const record = () => document.querySelectorAll('tr[data-task-id]').forEach((row)
 new MutationObserver(record).observe(document.body, {childList: true, subtree: true, attributes: true});
 record();
 """
-
-
-@pytest.fixture(scope='module')
-def platform():
-    served = Sandbox()
-    yield served
-    served.server.close()
 
 
 @pytest.fixture
@@ -108,7 +100,7 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
     platform.call('POST', '/api/reset')
     platform.faults(publish_latency_ms=PUBLISH_LATENCY_MS)
     alice = make_user('alice')
-    AccountStore(db, SECRET).save(alice.id, load_publishers(config)['sandbox'], platform.session_for('alice'))
+    AccountStore(db, SECRET).save(alice.id, load_publishers(config)['sandbox'], {'cookies': platform.session_for('alice')})
     service = start_service(TOPN_SANDBOX_URL=platform.url, TOPN_SECRET_KEY=SECRET,
                             TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'),
                             TOPN_PACING_SANDBOX=PACING, TOPN_WORKERS=2)

@@ -15,6 +15,7 @@ import pytest
 import waitress
 
 import config
+from accounts import parse_cookies
 from publishers.base import Attempt, LoginExpired, PublishError
 from publishers.zhihu import ZhihuPublisher, zhihu_html
 from publishers.content import render_markdown
@@ -99,7 +100,7 @@ def make_attempt(driver):
                 'platform': 'zhihu', 'attempt': len(earlier) + 1, 'earlier_attempts': list(earlier),
                 'platform_ref': platform_ref}
         attempt = Attempt(task, lambda percent: progress.append(percent) or False, timeout,
-                          remember_ref=remember, driver=driver, account={'cookies': cookies})
+                          remember_ref=remember, driver=driver, account={'cookies': parse_cookies(cookies)})
         return Run(attempt, progress, refs)
     return make
 
@@ -303,10 +304,10 @@ def test_check_login_says_true_for_a_live_session_and_false_for_expired_or_incom
     standin.expire(expired)
     incomplete = '; '.join(part for part in live.split('; ') if not part.startswith('__zse_ck='))
 
-    ok, detail = publisher.check_login(driver, {'cookies': live})
+    ok, detail = publisher.check_login(driver, {'cookies': parse_cookies(live)})
     assert ok and 'writer' in detail
-    assert publisher.check_login(driver, {'cookies': expired})[0] is False
-    ok, detail = publisher.check_login(driver, {'cookies': incomplete})
+    assert publisher.check_login(driver, {'cookies': parse_cookies(expired)})[0] is False
+    ok, detail = publisher.check_login(driver, {'cookies': parse_cookies(incomplete)})
     assert not ok and '__zse_ck' in detail
     assert {method for method, _ in standin.calls} == {'GET'}
 
