@@ -6,8 +6,9 @@ comes to what this machine can do, what keeping browsers warm is worth, and the 
 
 Workload: `--users` users (10) each send one batch of `--per-user` articles (10) to the sandbox
 platform, all at once, through the JSON API (`POST /api/publish/create_batch`), with 8 browsers
-(TOPN_MAX_DRIVERS=8, 4 workers x 2 slots) and the sandbox answering each publish after 500 ms
-(`publish_latency_ms`). Every run does, each phase on a fresh service and a fresh sandbox:
+(TOPN_MAX_DRIVERS=8, 4 workers x 2 slots; of them, at most TOPN_WORKING_PER_CORE per core work
+at once) and the sandbox answering each publish after 500 ms (`publish_latency_ms`). Every run
+does, each phase on a fresh service and a fresh sandbox:
 
 1. main (TOPN_DRIVER_REUSE=1). The workload starts with no browser running, so browser
    start-up is part of it. `wall_seconds` is max(completed_at) - min(created_at) of its tasks
@@ -25,10 +26,12 @@ platform, all at once, through the JSON API (`POST /api/publish/create_batch`), 
 2. baseline (TOPN_DRIVER_REUSE=0, unless --skip-baseline): the same workload, a fresh browser
    per task; speedup_vs_fresh_browser = its wall / the main wall.
 
-The service is started as bench/pipeline.py starts it (its `Service` and `Client` are used as
-they are): `topn.py serve` on a free loopback port with a throwaway MySQL database and Redis
-key prefix, plus temp TOPN_STATE_DIR and TOPN_BROWSER_ROOT, users from `topn.py adduser`,
-sandbox logins stored with `topn.py account set`. Afterwards the service is stopped (SIGTERM,
+The service and the sandbox are started by bench/harness.py (its `Service`, `Sandbox` and
+`Client`): `topn.py serve` on a free loopback port with a throwaway MySQL database, Redis key
+prefix and browser namespace (TOPN_BROWSER_NAMESPACE), plus temp TOPN_STATE_DIR and
+TOPN_BROWSER_ROOT, users from `topn.py adduser`, sandbox logins stored with `topn.py account
+set`. The browser marker is {TOPN_BROWSER_ROOT}/{namespace}/: every process the service's
+browsers start carries it in its command line. Afterwards the service is stopped (SIGTERM,
 then SIGKILL), the sandbox too, the database dropped, the keys deleted, and the processes
 still carrying the browser marker are counted (`leftover_browser_processes`) and killed.
 Single tasks are watched by reading their row from MySQL (cheaper than the API, so the
@@ -52,25 +55,21 @@ import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import pymysql
 
-from pipeline import (MYSQL, Client, Service, code_under_test, free_port, log, machine_facts, percentile,
-                      stop_process_group, timestamp)
+from harness import (CLOCK_TICKS, MYSQL, MYSQL_NAMES, PUBLISH_LATENCY_MS, REDIS_NAMES, SERVICE_DEFAULTS, TERMINAL,
+                     Client, Sandbox, Service, busy_percent, code_under_test, descendants, inherited_settings,
+                     is_error_line, list_processes, log, machine_cpu_ticks, machine_facts, medians, percentile,
+                     pss_kb, repeat_runs, rss_kb, timestamp)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SERVICE_DEFAULTS = {'TOPN_WORKERS': '4', 'TOPN_WORKER_SLOTS': '2', 'TOPN_MAX_DRIVERS': '8',
-                    'TOPN_LOG_LEVEL': 'WARNING', 'TOPN_PACING_SANDBOX': '0'}
-SET_BY_BENCHMARK = ('TOPN_MYSQL_URL', 'TOPN_REDIS_URL', 'TOPN_REDIS_PREFIX', 'TOPN_BIND', 'TOPN_DRIVER_REUSE',
-                    'TOPN_SANDBOX_URL', 'TOPN_SANDBOX_BIND', 'TOPN_BROWSER_ROOT', 'TOPN_STATE_DIR',
-                    'TOPN_SECRET_KEY')
-PUBLISH_LATENCY_MS = 500
+BROWSER_DEFAULTS = {**SERVICE_DEFAULTS, 'TOPN_MAX_DRIVERS': '8', 'TOPN_PACING_SANDBOX': '0'}
+SET_BY_BENCHMARK = ('TOPN_DRIVER_REUSE', 'TOPN_SANDBOX_URL', 'TOPN_SANDBOX_BIND', 'TOPN_BROWSER_ROOT',
+                    'TOPN_STATE_DIR', 'TOPN_SECRET_KEY')
 # Each probe's CPU is a sum of 10 ms ticks over a dozen processes, so one probe reads up to
 # ~0.1 CPU-s off either way; the CPU figures are the mean over WARM_PROBES (5 probes' median
 # moved by 20 % from run to run on unchanged code). What spread is left between runs is the
@@ -88,16 +87,9 @@ PSS_MAX_AGE = 5.0
 PSS_REREAD_RSS_KB = 2048
 PSS_REREAD_RSS_FRACTION = 0.02
 STATUS_POLL = 0.5
-SANDBOX_START_TIMEOUT = 15.0
-SANDBOX_STOP_TIMEOUT = 10.0
 LEFTOVER_GRACE = 5.0
-TERMINAL = ('success', 'failed', 'cancelled')
-MYSQL_NAMES = ('mariadbd', 'mysqld')
-REDIS_NAMES = ('redis-server',)
 GROUPS = ('service', 'browsers', 'sandbox', 'mysql', 'redis')
 SERVICE_ROLES = ('supervisor', 'workers', 'manager')
-CLOCK_TICKS = os.sysconf('SC_CLK_TCK')
-PAGE_KB = os.sysconf('SC_PAGE_SIZE') // 1024
 UUID = re.compile(r'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}')
 
 NOTES = {
@@ -144,8 +136,8 @@ NOTES = {
     'details.*.mean_concurrency': 'sum of task run times (started_at -> completed_at) / wall_seconds',
     'details.*.running_tasks_by_second': f'mean running tasks in each {TIMELINE_STEP:g} s from the first '
                                          'submit: the ramp-up, the steady state and the tail',
-    'details.*.task_run_seconds_*': 'started_at -> completed_at of the tasks, waiting for a browser (cap, CPU '
-                                    'admission, start-up) included',
+    'details.*.task_run_seconds_*': 'started_at -> completed_at of the tasks, waiting for a browser (cap, '
+                                    'start-up) included',
     'details.*.failed_attempts': 'attempts that did not succeed, by outcome and first line of their error; '
                                  'failed_attempt_seconds_p50 is how long they ran, retry_wait_seconds_p50 the '
                                  'gap before the next attempt of the same task',
@@ -167,52 +159,6 @@ NOTES = {
 
 
 # -- processes ------------------------------------------------------------------------------
-
-class Proc:
-    __slots__ = ('pid', 'ppid', 'comm', 'ticks', 'start', 'cmdline')
-
-    def __init__(self, pid, ppid, comm, ticks, start, cmdline):
-        self.pid, self.ppid, self.comm, self.ticks, self.start, self.cmdline = pid, ppid, comm, ticks, start, cmdline
-
-
-def list_processes():
-    """{pid: Proc} of every process on the machine now; utime+stime in clock ticks."""
-    found = {}
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/stat', 'rb') as stat_file:
-                stat = stat_file.read()
-            with open(f'/proc/{entry}/cmdline', 'rb') as cmdline_file:
-                cmdline = cmdline_file.read()
-        except OSError:
-            continue
-        close = stat.rindex(b')')
-        fields = stat[close + 2:].split()
-        found[int(entry)] = Proc(int(entry), int(fields[1]), stat[stat.index(b'(') + 1:close].decode(errors='replace'),
-                                 int(fields[11]) + int(fields[12]), int(fields[19]), cmdline)
-    return found
-
-
-def rss_kb(pid):
-    try:
-        with open(f'/proc/{pid}/statm') as statm:
-            return int(statm.read().split()[1]) * PAGE_KB
-    except OSError:
-        return 0
-
-
-def pss_kb(pid):
-    try:
-        with open(f'/proc/{pid}/smaps_rollup') as rollup:
-            for line in rollup:
-                if line.startswith('Pss:'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
 
 class ProcessGroups:
     """Sorts the machine's processes into the groups this benchmark reports: `browsers` (the
@@ -260,18 +206,6 @@ class ProcessGroups:
         return {match.group() for proc in processes.values() for match in self.folder.finditer(proc.cmdline)}
 
 
-def descendants(root, processes):
-    children = collections.defaultdict(list)
-    for proc in processes.values():
-        children[proc.ppid].append(proc.pid)
-    found, stack = set(), [root] if root in processes else []
-    while stack:
-        pid = stack.pop()
-        found.add(pid)
-        stack.extend(children[pid])
-    return found
-
-
 def cpu_delta(before, after, groups=GROUPS):
     """CPU-seconds by group between two snapshots. A process born in between counts whole; one
     that exited in between is lost (counted in `exited`)."""
@@ -280,13 +214,6 @@ def cpu_delta(before, after, groups=GROUPS):
         seconds[group] += (ticks - before.get(key, (group, 0))[1]) / CLOCK_TICKS
     return {'by_group': {g: round(s, 3) for g, s in seconds.items()}, 'total': round(sum(seconds.values()), 3),
             'appeared': len(after.keys() - before.keys()), 'exited': len(before.keys() - after.keys())}
-
-
-def machine_cpu_ticks():
-    """(busy, total) jiffies of all CPUs since boot."""
-    with open('/proc/stat') as stat:
-        values = [int(value) for value in stat.readline().split()[1:9]]
-    return sum(values) - values[3] - values[4], sum(values)
 
 
 def find_marked(marker):
@@ -402,60 +329,8 @@ class Sampler(threading.Thread):
         }
 
 
-def busy_percent(before, after):
-    total = after[1] - before[1]
-    return round(100.0 * (after[0] - before[0]) / total, 1) if total > 0 else None
-
-
 def mb(kb):
     return round(kb / 1024, 1)
-
-
-# -- the sandbox platform --------------------------------------------------------------------
-
-class Sandbox:
-    """`python -m sandbox` on a free loopback port, in its own process group."""
-
-    def __init__(self, log_path):
-        self.port = free_port()
-        self.url = f'http://127.0.0.1:{self.port}'
-        self.log_path = log_path
-        self.process = None
-
-    def start(self):
-        with open(self.log_path, 'w') as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, '-m', 'sandbox', '--bind', f'127.0.0.1:{self.port}'], cwd=ROOT,
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + SANDBOX_START_TIMEOUT
-        while True:
-            try:
-                self.call('GET', '/api/faults')
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f'the sandbox did not start; see {self.log_path}') from None
-                time.sleep(0.1)
-        self.call('POST', '/api/faults', {'publish_latency_ms': PUBLISH_LATENCY_MS})
-
-    def call(self, method, path, body=None):
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={'Content-Type': 'application/json'})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def session_cookies(self, name, password):
-        """A new sandbox account and a logged-in session of it, as a cookie string."""
-        self.call('POST', '/api/accounts', {'name': name, 'password': password})
-        return self.call('POST', '/api/session', {'name': name, 'password': password})['cookies']
-
-    def articles(self):
-        return self.call('GET', '/api/articles')['articles']
-
-    def stop(self):
-        if self.process is not None:
-            stop_process_group(self.process, SANDBOX_STOP_TIMEOUT, 'the sandbox')
 
 
 # -- one phase: a fresh service and sandbox, the workload, the figures --------------------------
@@ -473,13 +348,11 @@ class Phase:
                          'TOPN_BROWSER_ROOT': str(self.work_dir / 'browsers'),
                          'TOPN_SANDBOX_URL': self.sandbox.url, 'TOPN_SANDBOX_BIND': f'127.0.0.1:{self.sandbox.port}'}
         self.service = Service(self.settings, log_dir / f'{name}-service.log')
-        self.marker = os.path.join(self.settings['TOPN_BROWSER_ROOT'], self.service.prefix) + '/'
+        self.marker = os.path.join(self.settings['TOPN_BROWSER_ROOT'], self.service.namespace) + '/'
         self.client = Client(self.service.url)
         self.tag = secrets.token_hex(3)
         self.leftover = None
         self.stop_seconds = None
-        self.refusals = collections.Counter()
-        self._refusals_lock = threading.Lock()
 
     def start(self):
         self.sandbox.start()
@@ -495,24 +368,7 @@ class Phase:
 
     def store_login(self, name):
         cookies = self.sandbox.session_cookies(name, secrets.token_hex(8))
-        done = subprocess.run([sys.executable, 'topn.py', 'account', 'set', name, 'sandbox', '--cookies', cookies],
-                              cwd=ROOT, env=self.service.env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f'topn.py account set {name} sandbox exited with {done.returncode}: '
-                               f'{done.stderr.strip()[-2000:]}')
-
-    def create_batch(self, token, articles):
-        """Send one sandbox batch until it is accepted; returns its task ids."""
-        while True:
-            status, answer, headers = self.client.call('POST', '/api/publish/create_batch', token,
-                                                       {'platform': 'sandbox', 'articles': articles})
-            if status == 200 and answer['success']:
-                return answer['task_ids']
-            if status not in (429, 503):
-                raise RuntimeError(f'create_batch answered {status}: {answer}')
-            with self._refusals_lock:
-                self.refusals[str(status)] += 1
-            time.sleep(min(5.0, float(headers.get('Retry-After', 1))))
+        self.service.command(f'account set {name} sandbox', 'account', 'set', name, 'sandbox', '--cookies', cookies)
 
     def stop(self):
         """Stop the service and the sandbox, count and kill leftover browser processes, and
@@ -549,17 +405,12 @@ class Phase:
         lines = self.service.logged_lines()
         messages = collections.Counter()
         for line in lines:
-            if ' WARNING ' in line or ' ERROR ' in line or line.startswith('Traceback'):
+            if ' WARNING ' in line or is_error_line(line):
                 text = line.split(' ', 2)[2] if line[:4].isdigit() else line
                 messages[UUID.sub('<id>', text)[:300]] += 1
         return {'warnings': sum(' WARNING ' in line for line in lines),
-                'errors': sum(' ERROR ' in line or line.startswith('Traceback') for line in lines),
+                'errors': sum(map(is_error_line, lines)),
                 'top_messages': [{'count': n, 'message': m} for m, n in messages.most_common(8)]}
-
-
-def inherited_settings():
-    return {name: value for name, value in os.environ.items()
-            if name.startswith('TOPN_') and name not in SET_BY_BENCHMARK}
 
 
 def article_body(title):
@@ -578,7 +429,7 @@ def submit_workload(phase, tokens):
         titles = [f'{phase.name}-{phase.tag} {name} #{i}' for i in range(phase.args.per_user)]
         articles = [{'title': title, 'content': article_body(title)} for title in titles]
         go.wait()
-        return token, phase.create_batch(token, articles)
+        return token, phase.client.submit(token, 'sandbox', articles)
 
     with concurrent.futures.ThreadPoolExecutor(len(tokens)) as pool:
         return dict(pool.map(submit, tokens.items()))
@@ -622,7 +473,7 @@ def run_workload(phase, tokens):
     figures = {**task_figures(rows), **article_figures(articles, rows), **timeline_figures(rows, articles),
                **retry_figures(phase.client, rows_by_token),
                **sampler.figures(), 'loadavg_1m_during': [round(load_before, 2), round(os.getloadavg()[0], 2)],
-               'refusals': dict(phase.refusals)}
+               'refusals': {str(status): n for status, n in phase.client.refusals.items()}}
     figures['cpu_seconds_per_task'] = round(figures['cpu_seconds_total'] / tasks, 3)
     log(f'  {phase.name}: {figures["tasks_succeeded"]}/{tasks} succeeded in {figures["wall_seconds"]} s, '
         f'{figures["articles_published"]} articles, peak PSS {figures["peak_pss_mb_service_and_browsers"]} MB')
@@ -767,7 +618,7 @@ def warm_probe(phase, token, db, number, idle_rate):
     folders_before = browser_folders_on_disk(phase.marker)
     title = f'{phase.name}-{phase.tag} warm #{number}'
     snapshot_before = phase.groups.cpu_snapshot()
-    task_id, = phase.create_batch(token, [{'title': title, 'content': article_body(title)}])
+    task_id, = phase.client.submit(token, 'sandbox', [{'title': title, 'content': article_body(title)}])
     status = wait_for_row(db, task_id)
     snapshot_after = phase.groups.cpu_snapshot()
     time.sleep(AFTER_COMPLETION_SECONDS)
@@ -846,7 +697,7 @@ def run_once(number, args, log_dir):
     wall = main['wall_seconds']
     fresh_wall = baseline.get('wall_seconds') if baseline else None
     finished = [phase for phase in (main, baseline) if phase and 'error' not in phase]
-    return {
+    figures = {
         'wall_seconds': wall,
         'tasks_per_second': main['tasks_per_second'],
         'articles_published': main['articles_published'],
@@ -872,24 +723,13 @@ def run_once(number, args, log_dir):
         'loadavg': [round(load_start, 2), round(os.getloadavg()[0], 2)],
         'details': {'main': main, 'baseline': baseline},
     }
+    log(f'run {number}: ' + json.dumps({k: v for k, v in figures.items() if k != 'details'}))
+    return figures
 
 
 def service_settings():
     """Bench defaults, then the caller's TOPN_* variables (not those the bench sets itself)."""
-    return {**SERVICE_DEFAULTS, **inherited_settings()}
-
-
-def medians(runs):
-    """Median of each top-level number over the runs that finished and have it."""
-    finished = [run for run in runs if 'error' not in run]
-    summary = {}
-    for key in (finished[0] if finished else {}):
-        values = [run.get(key) for run in finished]
-        if all(isinstance(v, bool) for v in values):
-            summary[key] = f'{sum(values)}/{len(values)}'
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            summary[key] = round(statistics.median(values), 3)
-    return summary
+    return {**BROWSER_DEFAULTS, **inherited_settings(SET_BY_BENCHMARK)}
 
 
 def parse_args(argv):
@@ -922,17 +762,8 @@ def main(argv=None):
                      'service': {**service_settings(), 'TOPN_DRIVER_REUSE': '1 (main), 0 (baseline)'}},
         'notes': NOTES,
     }
-    runs = []
     try:
-        for number in range(1, args.runs + 1):
-            log(f'run {number}/{args.runs}')
-            try:
-                figures = run_once(number, args, log_dir)
-            except Exception as error:
-                log(f'run {number} failed: {type(error).__name__}: {error}')
-                figures = {'error': f'{type(error).__name__}: {error}'}
-            log(f'run {number}: ' + json.dumps({k: v for k, v in figures.items() if k != 'details'}))
-            runs.append(figures)
+        runs = repeat_runs(args.runs, lambda number: run_once(number, args, log_dir))
     except KeyboardInterrupt:
         log('interrupted; the services were stopped and their databases, keys and browsers removed')
         return 130

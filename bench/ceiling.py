@@ -7,11 +7,12 @@ Chromium itself does on two cores.
 
 One process, one `DriverPool` (pool.py: the same browser flags, acquire with its health
 check, release with its wipe) and the `sandbox` publisher, driven by N threads that each
-hold one browser: no supervisor, no workers, no MySQL, no Redis, no CPU admission (the
-lease registry is there, as the pool needs it). The sandbox answers each publish after
-500 ms, as in bench/browser.py. Tasks go to 10 sandbox accounts in turn, so consecutive
-tasks of a browser belong to different accounts and every wipe has something to clear.
-Every browser does one task first, so start-up is not measured.
+hold one browser: no supervisor, no workers, no MySQL, no Redis (the lease registry is
+there, as the pool needs it, and lets all N browsers work at once). The sandbox answers
+each publish after 500 ms, as in bench/browser.py (both start it with bench/harness.py).
+Tasks go to 10 sandbox accounts in turn, so consecutive tasks of a browser belong to
+different accounts and every wipe has something to clear. Every browser does one task
+first, so start-up is not measured.
 
 Per run, on fresh browsers and a fresh sandbox:
 - alone: `--alone` tasks one at a time on one warm browser. Their CPU-seconds (this
@@ -34,25 +35,24 @@ import os
 import pathlib
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
 import time
 
-from pipeline import log, machine_facts
-
-from browser import PUBLISH_LATENCY_MS, ROOT, Sandbox, busy_percent, list_processes, machine_cpu_ticks
+from harness import (CLOCK_TICKS, PUBLISH_LATENCY_MS, ROOT, Sandbox, busy_percent, list_processes, log,
+                     machine_cpu_ticks, machine_facts, medians, repeat_runs)
 
 sys.path.insert(0, str(ROOT))
 
 import pool  # noqa: E402  (the project's modules are importable once ROOT is on the path)
+from accounts import parse_cookies  # noqa: E402
 from publishers.base import Attempt  # noqa: E402
 from publishers.sandbox import SandboxPublisher  # noqa: E402
 
 ACCOUNTS = 10
 MAX_DRIVERS = 8
-CLOCK_TICKS = os.sysconf('SC_CLK_TCK')
+MEDIAN_FIGURES = ('wall_seconds', 'cpu_seconds_per_task', 'ratio_to_limit', 'machine_cpu_busy_percent')
 ACQUIRE_TIMEOUT = 60
 TASK_TIMEOUT = 60
 
@@ -71,7 +71,8 @@ class Bench:
     def start(self):
         self.sandbox.start()
         self.publisher = SandboxPublisher(self.sandbox.url)
-        self.cookies = [self.sandbox.session_cookies(f'ceiling{n}', secrets.token_hex(8)) for n in range(ACCOUNTS)]
+        self.cookies = [parse_cookies(self.sandbox.session_cookies(f'ceiling{n}', secrets.token_hex(8)))
+                        for n in range(ACCOUNTS)]
         self.manager = multiprocessing.Manager()
 
     def stop(self):
@@ -80,10 +81,9 @@ class Bench:
         self.sandbox.stop()
 
     def new_pool(self, browsers):
-        """A pool that lets `browsers` drivers work at once without asking the CPU."""
-        leases = pool.lease_registry(self.manager, MAX_DRIVERS)
-        return pool.DriverPool(leases, max_drivers=browsers, cpus=browsers, instance=f'ceiling{os.getpid()}',
-                               browser_root=str(self.work_dir / 'browsers'))
+        """A pool of at most `browsers` drivers, all of them allowed to work at once."""
+        leases = pool.lease_registry(self.manager, browsers, browsers)
+        return pool.DriverPool(leases, namespace=f'ceiling{os.getpid()}', browser_root=str(self.work_dir / 'browsers'))
 
     def one_task(self, driver_pool, all_acquired=None):
         """Publish one article with a driver of the pool; `all_acquired` (a Barrier) holds
@@ -177,19 +177,15 @@ def run_once(args):
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def medians(runs):
-    finished = [run for run in runs if 'error' not in run]
-    if not finished:
+def summary(runs):
+    """The medians the ceiling is read by: the limit, the best ratio to it, and per number of
+    browsers its wall, CPU per task, ratio and busy share."""
+    median = medians(runs, nested=True)
+    if not median:
         return {}
-    keys = finished[0]['by_browsers'].keys()
-    return {
-        'limit_seconds': round(statistics.median(run['limit_seconds'] for run in finished), 3),
-        'best_ratio_to_limit': round(statistics.median(run['best']['ratio_to_limit'] for run in finished), 3),
-        'by_browsers': {key: {figure: round(statistics.median(run['by_browsers'][key][figure] for run in finished), 3)
-                              for figure in ('wall_seconds', 'cpu_seconds_per_task', 'ratio_to_limit',
-                                             'machine_cpu_busy_percent')}
-                        for key in keys},
-    }
+    return {'limit_seconds': median['limit_seconds'], 'best_ratio_to_limit': median['best']['ratio_to_limit'],
+            'by_browsers': {key: {figure: figures[figure] for figure in MEDIAN_FIGURES if figure in figures}
+                            for key, figures in median['by_browsers'].items()}}
 
 
 def parse_args(argv):
@@ -216,16 +212,9 @@ def main(argv=None):
               'settings': {'runs': args.runs, 'tasks': args.tasks, 'alone': args.alone,
                            'concurrency': args.concurrency, 'accounts': ACCOUNTS,
                            'sandbox_publish_latency_ms': PUBLISH_LATENCY_MS}}
-    runs = []
-    for number in range(1, args.runs + 1):
-        log(f'run {number}/{args.runs}')
-        try:
-            runs.append(run_once(args))
-        except Exception as error:
-            log(f'run {number} failed: {type(error).__name__}: {error}')
-            runs.append({'error': f'{type(error).__name__}: {error}'})
+    runs = repeat_runs(args.runs, lambda number: run_once(args))
     report['runs'] = runs
-    report['median'] = medians(runs)
+    report['median'] = summary(runs)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0 if all('error' not in run for run in runs) else 1
 

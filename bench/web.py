@@ -4,9 +4,9 @@ their batches publish, and how many task-table requests per second the service h
     .venv/bin/python bench/web.py --runs 3
     .venv/bin/python bench/web.py --runs 1 --load-seconds 3     # a quick look, ~1.5 min
 
-Every run starts the real service the way bench/pipeline.py does (its `Service`: `topn.py
-serve` on a free loopback port with a throwaway MySQL database and Redis key prefix, always
-stopped and removed afterwards), with the `noop` platform taking TOPN_NOOP_DELAY seconds per
+Every run starts the real service the way every benchmark does (bench/harness.py's
+`Service`: `topn.py serve` on a free loopback port with a throwaway MySQL database and Redis
+key prefix, always stopped and removed afterwards), with the `noop` platform taking TOPN_NOOP_DELAY seconds per
 task (2.5 by default, --noop-delay) so that tasks stay in flight while they are watched.
 Users come from `topn.py adduser` and log in through the real /login form (urllib with a
 cookie jar); the CSRF token is read from the page. After that each client is a browser tab:
@@ -61,7 +61,6 @@ import random
 import re
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -70,12 +69,11 @@ import urllib.parse
 import urllib.request
 from unittest import mock
 
-from browser import CLOCK_TICKS, MYSQL_NAMES, REDIS_NAMES, busy_percent, list_processes, machine_cpu_ticks
-from pipeline import (PER_RUN_SETTINGS, Client, code_under_test, log, machine_facts, percentile,
-                      running_service, timestamp, warm_up)
+from harness import (CLOCK_TICKS, MYSQL_NAMES, REDIS_NAMES, REQUEST_TIMEOUT, ROOT, SERVICE_DEFAULTS, Client,
+                     busy_percent, code_under_test, inherited_settings, is_error_line, list_processes, log,
+                     machine_cpu_ticks, machine_facts, medians, percentile, repeat_runs, running_service, timestamp,
+                     warm_up)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SERVICE_DEFAULTS = {'TOPN_WORKERS': '4', 'TOPN_WORKER_SLOTS': '2', 'TOPN_LOG_LEVEL': 'WARNING'}
 ONE_USER_100_TASKS = {'TOPN_USER_MAX_ACTIVE': '100', 'TOPN_USER_RATE': '1000'}
 NOOP_DELAY = 2.5
 
@@ -96,9 +94,7 @@ STATUS_API = '/api/publish/tasks/status?task_ids='
 HTMX_HEADERS = {'HX-Request': 'true', 'HX-Current-URL': '/', 'HX-Target': 'tasks', 'Accept': 'text/html'}
 STOP_POLLING = 286
 TABLE_OK = (200, STOP_POLLING)
-TERMINAL = ('success', 'failed', 'cancelled')
 
-REQUEST_TIMEOUT = 30.0
 SUBMIT_ATTEMPTS = 20
 WATCH_TIMEOUT_BASE = 60.0
 THREAD_JOIN_SLACK = 10.0
@@ -193,14 +189,6 @@ class Tab:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-
-
-def add_user(service, name, password):
-    """A user made the way operators make one, with a password we know."""
-    done = subprocess.run([sys.executable, 'topn.py', 'adduser', name, '--password', password],
-                          cwd=ROOT, env=service.env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f'topn.py adduser {name} exited with {done.returncode}: {done.stderr.strip()[-2000:]}')
 
 
 # -- watching a batch as the page does ---------------------------------------------------------
@@ -462,20 +450,24 @@ def warm_web_threads(service, tab):
 # -- where the server's time goes ------------------------------------------------------------------
 
 BREAKDOWN_PARTS = ('session_user', 'task_table', 'evidence_of', 'build_rows', 'render')
+TIMED_QUERIES = {'session_user': 'session_user', 'task_table': 'task_page', 'evidence_of': 'evidence_of'}
 
 
 def server_breakdown(service, tabs_by_table):
     """Render each table BREAKDOWN_CALLS times through the service's WSGI app in this
-    process, one at a time, timing its parts and the garbage collector's pauses.
-    {table: {figure: ms, ...}}."""
+    process, one at a time, timing its parts (TIMED_QUERIES: part -> Database method) and the
+    garbage collector's pauses. {table: {figure: ms, ...}}. The app's login checker gets a
+    throwaway key and leases of its own: a task table decrypts no login and starts no browser."""
     if sys.path[0] != str(ROOT):
         sys.path.insert(0, str(ROOT))  # the service's modules: its web.py, not this file
+    from accounts import AccountStore, LoginChecker
     from config import Config
     from db import Database
     import pages
+    from pool import local_leases
     from publishers import load_publishers
     from scheduler import Scheduler, connect_redis
-    import web as service_web
+    from topn import make_app
 
     config = Config.from_env(service.env)
     db = Database(config.mysql)
@@ -491,17 +483,19 @@ def server_breakdown(service, tabs_by_table):
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
         return wrapper
 
-    for name in ('session_user', 'task_table', 'evidence_of'):
-        setattr(db, name, timed(name, getattr(db, name)))
+    for part, method in TIMED_QUERIES.items():
+        setattr(db, method, timed(part, getattr(db, method)))
     scheduler = Scheduler(config, db, connect_redis(config.redis_url), load_publishers(config))
+    checker = LoginChecker(config, AccountStore(db, secrets.token_hex(16)), local_leases(1, 1))
     try:
         with mock.patch.object(pages.Pages, 'task_view', timed('build_rows', pages.Pages.task_view)), \
                 mock.patch.object(pages.Pages, 'render', timed('render', pages.Pages.render)), \
                 GcPauses() as pauses:
-            app = service_web.make_app(config, db, scheduler)
+            app = make_app(config, db, scheduler, checker)
             return {label: breakdown_of(app, path, tab.cookie, spent, pauses)
                     for label, (path, tab) in tabs_by_table.items()}
     finally:
+        checker.close()
         db.close()
 
 
@@ -599,16 +593,14 @@ def summarize_log(lines):
     warnings = sum(' WARNING ' in line for line in lines)
     return {'waitress_queue_warnings': len(depths), 'max_waitress_queue_depth': max(depths, default=0),
             'other_warnings': warnings - len(depths),
-            'errors': sum(' ERROR ' in line or line.startswith('Traceback') for line in lines)}
+            'errors': sum(map(is_error_line, lines))}
 
 
 # -- one run -------------------------------------------------------------------------------------------
 
 def service_settings(args):
     """Bench defaults, then the caller's TOPN_* variables, then what this benchmark needs."""
-    inherited = {name: value for name, value in os.environ.items()
-                 if name.startswith('TOPN_') and name not in PER_RUN_SETTINGS}
-    return {**SERVICE_DEFAULTS, **inherited, 'TOPN_NOOP_DELAY': str(args.noop_delay), **ONE_USER_100_TASKS}
+    return {**SERVICE_DEFAULTS, **inherited_settings(), 'TOPN_NOOP_DELAY': str(args.noop_delay), **ONE_USER_100_TASKS}
 
 
 def run_once(number, args, log_dir):
@@ -622,7 +614,7 @@ def run_once(number, args, log_dir):
         warm_up(service, Client(service.url))
         names = [f'user{i}' for i in range(USERS)] + ['big']
         for name in names:
-            add_user(service, name, password)
+            service.add_user(name, password)
         team_tabs = [Tab(service, name, password).log_in() for name in names[:USERS]]
         big_tabs = [Tab(service, 'big', password).log_in() for _ in range(BIG_SESSIONS)]
         warm_web_threads(service, team_tabs[0])
@@ -659,24 +651,6 @@ def run_once(number, args, log_dir):
 
 
 # -- reporting --------------------------------------------------------------------------------------------
-
-def medians(runs):
-    """The same shape as one run, each number the median over the runs that finished; a
-    yes/no figure becomes how many runs said yes; lists are left out."""
-    finished = [run for run in runs if 'error' not in run]
-    return _median_of(finished) if finished else {}
-
-
-def _median_of(values):
-    first = values[0]
-    if isinstance(first, dict):
-        return {key: _median_of([value[key] for value in values]) for key in first
-                if all(isinstance(value, dict) and key in value for value in values)
-                and not isinstance(first[key], (list, str, type(None)))}
-    if isinstance(first, bool):
-        return f'{sum(values)}/{len(values)}'
-    return round(statistics.median(values), 3)
-
 
 def headline(median):
     """The numbers the issue asks for, from the medians."""
@@ -730,21 +704,13 @@ def main(argv=None):
                      'team_table': TEAM_TABLE, 'rows100_table': ROWS100_TABLE,
                      'service': service_settings(args)},
     }
-    runs = []
     try:
-        for number in range(1, args.runs + 1):
-            log(f'run {number}/{args.runs}')
-            try:
-                figures = run_once(number, args, log_dir)
-            except Exception as error:
-                log(f'run {number} failed: {type(error).__name__}: {error}')
-                figures = {'error': f'{type(error).__name__}: {error}'}
-            runs.append(figures)
+        runs = repeat_runs(args.runs, lambda number: run_once(number, args, log_dir))
     except KeyboardInterrupt:
         log('interrupted; the service was stopped and its database and Redis keys removed')
         return 130
     report['runs'] = runs
-    report['median'] = medians(runs)
+    report['median'] = medians(runs, nested=True)
     report['headline'] = headline(report['median'])
     report['machine']['loadavg_at_end'] = [round(x, 2) for x in os.getloadavg()]
     report['elapsed_s'] = round(time.monotonic() - started, 1)
