@@ -59,6 +59,9 @@ STATUS_LABELS = {'pending': '等待中', 'running': '发布中', 'success': '已
                  'retry': '等待重试', 'cancelled': '已取消'}
 OUTCOME_LABELS = {'running': '进行中', 'success': '成功', 'failed': '失败', 'timeout': '超时',
                   'lost': '工作进程中断', 'unknown': '结果未知', 'cancelled': '已取消'}
+LOGIN_FIELD_LABELS = {'cookies': ('登录 Cookie', 'cookies'), 'site': ('网站地址', 'url'),
+                      'username': ('用户名', 'text'), 'password': ('密码', 'password')}
+SHOWN_LOGIN_FIELDS = {'site', 'username'}
 EVIDENCE_LABELS = {'screenshot.png': '截图', 'page.html': '页面', 'url.txt': '网址'}  # keys: tasks.EVIDENCE_FILES
 
 # What the page says for each refusal code. {where} names the article ("第 2 篇文章");
@@ -560,10 +563,23 @@ class Pages:
         stored = {row['platform']: row for row in self.db.accounts_of(user['id'])}
         return {
             'platforms': [{'name': p.name, 'label': p.label or p.name, 'required': p.required_cookies,
-                           'account': stored.get(p.name)}
+                           'account': stored.get(p.name), 'fields': self.login_inputs(user, p, p.name in stored)}
                           for p in self.publishers.values() if p.needs_browser],
             'accounts_notice': notice,
         }
+
+    def login_inputs(self, user, publisher, stored):
+        """The inputs of a platform's login form. A stored site or user name is shown again
+        so it can be corrected; a password or cookie never is."""
+        shown = {}
+        if stored and set(publisher.login_fields) & SHOWN_LOGIN_FIELDS:
+            try:
+                shown = self.account_store.load(user['id'], publisher.name) or {}
+            except Refused:
+                shown = {}
+        return [{'name': name, 'label': LOGIN_FIELD_LABELS[name][0], 'type': LOGIN_FIELD_LABELS[name][1],
+                 'value': shown.get(name, '') if name in SHOWN_LOGIN_FIELDS else ''}
+                for name in publisher.login_fields]
 
     def accounts_answer(self, user, notice, status=200):
         template = '_accounts.html' if is_htmx() else 'accounts.html'
