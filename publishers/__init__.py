@@ -2,9 +2,10 @@
 
 from publishers.noop import NoopPublisher
 from publishers.sandbox import SandboxPublisher
+from publishers.wordpress import WordPressPublisher
 from publishers.zhihu import ZhihuPublisher
 
-PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher, ZhihuPublisher)
+PUBLISHER_CLASSES = (NoopPublisher, SandboxPublisher, WordPressPublisher, ZhihuPublisher)
 
 
 def load_publishers(config):

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,6 +36,9 @@ from publishers.base import PublishError  # noqa: E402
 from publishers.browser import wait_for  # noqa: E402
 from publishers import load_publishers  # noqa: E402
 from scheduler import Scheduler, connect_redis  # noqa: E402
+from tasks import FINISHED  # noqa: E402
+
+pytest_plugins = ('wordpress_site',)  # the real WordPress fixture, for the tests that need one
 
 MYSQL_HOST = os.environ.get('TOPN_TEST_MYSQL_HOST', '127.0.0.1')
 MYSQL_PORT = int(os.environ.get('TOPN_TEST_MYSQL_PORT', '3306'))
@@ -90,6 +92,25 @@ def redis_server():
 def delete_prefix(client, prefix):
     for key in client.scan_iter(match=f'{prefix}:*', count=500):
         client.delete(key)
+
+
+def kill_connections_to(database_name):
+    """What clients see when MySQL restarts: every open connection is cut."""
+    admin = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', autocommit=True)
+    killed = 0
+    try:
+        with admin.cursor() as cur:
+            cur.execute('SELECT id FROM information_schema.processlist WHERE db = %s AND id <> CONNECTION_ID()',
+                        (database_name,))
+            for (connection_id,) in cur.fetchall():
+                try:
+                    cur.execute(f'KILL CONNECTION {int(connection_id)}')
+                    killed += 1
+                except pymysql.err.OperationalError:
+                    pass
+    finally:
+        admin.close()
+    return killed
 
 
 def schema_tables():
@@ -385,6 +406,25 @@ class Service:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.log_file.close()
         return self.process.returncode
+
+
+def create(service, user, payload):
+    """Submit a batch to a running service through its JSON API; the new task ids."""
+    status, body = http('POST', service.url + '/api/publish/create_batch', payload, user.headers)
+    assert status == 200, body
+    return body['task_ids']
+
+
+def tasks(service, user, task_ids):
+    status, body = http('GET', service.url + '/api/publish/tasks/status?task_ids=' + ','.join(task_ids),
+                        headers=user.headers)
+    assert status == 200, body
+    return body['tasks']
+
+
+def all_finished(service, user, task_ids):
+    found = tasks(service, user, task_ids)
+    return found if all(t['status'] in FINISHED for t in found) else None
 
 
 @pytest.fixture

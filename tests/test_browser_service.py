@@ -3,7 +3,6 @@ headless Chromium, publishing to the local sandbox platform (never to a real sit
 The sandbox's own article listing is the ground truth: who published what, how often."""
 
 import collections
-import json
 import os
 import signal
 import subprocess
@@ -12,11 +11,9 @@ import time
 import urllib.request
 
 import pytest
-import waitress.server
 
-import sandbox
 from accounts import AccountStore
-from conftest import SECRET, answers, batch, free_port, http, wait_until
+from conftest import SECRET, all_finished, answers, batch, create, free_port, http, tasks, wait_until
 from pool import find_browser_processes
 from publishers import load_publishers
 
@@ -47,24 +44,6 @@ def sandbox_user(make_user, db, config, sandbox_platform):
         store.save(user.id, publisher, {'cookies': sandbox_platform.session_for(name)})
         return user
     return make
-
-
-def create(service, user, payload):
-    status, body = http('POST', service.url + '/api/publish/create_batch', payload, user.headers)
-    assert status == 200, body
-    return body['task_ids']
-
-
-def tasks(service, user, task_ids):
-    status, body = http('GET', service.url + '/api/publish/tasks/status?task_ids=' + ','.join(task_ids),
-                        headers=user.headers)
-    assert status == 200, body
-    return body['tasks']
-
-
-def all_finished(service, user, task_ids):
-    found = tasks(service, user, task_ids)
-    return found if all(t['status'] in ('success', 'failed', 'cancelled') for t in found) else None
 
 
 def browser_processes(tmp_path):
@@ -107,7 +86,7 @@ def test_three_users_times_ten_articles_land_exactly_once_under_the_right_accoun
 
 def test_never_more_chromedrivers_than_the_cap_and_none_left_after_stop(
         browser_service, sandbox_user, sandbox_platform, tmp_path):
-    service = browser_service(TOPN_MAX_DRIVERS=3, TOPN_BROWSER_CPU_BUSY=100)
+    service = browser_service(TOPN_MAX_DRIVERS=3)
     users = [sandbox_user(f'u{i}') for i in range(2)]
     task_ids = {user.name: create(service, user, batch(6, platform='sandbox', prefix=user.name)) for user in users}
     peak, stop = [0], threading.Event()

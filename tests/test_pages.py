@@ -680,6 +680,31 @@ def test_account_cookies_without_the_required_names_are_refused_in_words(browser
     assert list(db.accounts_of(alice.id)) == []
 
 
+def test_accounts_page_offers_wordpress_with_site_user_name_and_password_and_never_shows_the_password(
+        browser, make_user, db, wordpress_site):
+    alice = make_user('alice')
+    wordpress_site.add_user('alice_wp', 'SECRET-pw-value')
+    browser.log_in('alice')
+
+    page = browser.get('/accounts')
+    form = page.text[page.text.index('data-platform="wordpress"'):]
+    form = form[:form.index('</article>')]
+    refused = browser.post('/accounts/wordpress', [('site', 'http://127.0.0.1:9/'), ('username', 'alice_wp'),
+                                                   ('password', 'SECRET-pw-value')], htmx=True)
+    saved = browser.post('/accounts/wordpress', [('site', wordpress_site.url), ('username', 'alice_wp'),
+                                                 ('password', 'SECRET-pw-value')], htmx=True)
+
+    for name, kind in (('site', 'url'), ('username', 'text'), ('password', 'password')):
+        assert f'type="{kind}" name="{name}"' in form
+    assert refused.status == 400 and '无法保存这个登录' in refused.text
+    assert saved.status == 200 and '已保存' in saved.text
+    assert wordpress_site.url in saved.text and 'alice_wp' in saved.text, 'site and user name are shown again'
+    assert 'SECRET' not in saved.text + browser.get('/accounts').text
+    assert AccountStore(db, SECRET).load(alice.id, 'wordpress') == {
+        'site': wordpress_site.url, 'username': 'alice_wp', 'password': 'SECRET-pw-value'}
+    assert browser.get('/').scan.platforms == ['wordpress']
+
+
 def test_account_check_asks_the_sandbox_platform_in_a_real_browser(site, make_user, tmp_path):
     platform = Sandbox()
     try:

@@ -2,9 +2,7 @@
 
 import threading
 
-import pymysql
-
-from conftest import MYSQL_HOST, MYSQL_PORT, batch, delete_prefix, wait_until
+from conftest import batch, delete_prefix, kill_connections_to, wait_until
 from publishers.base import Publisher
 
 
@@ -34,25 +32,6 @@ def all_succeeded(db, user, task_ids):
 
 def successful_attempts(db, task_id):
     return [h for h in db.history(task_id) if h['outcome'] == 'success']
-
-
-def kill_connections_to(database_name):
-    """What clients see when MySQL restarts: every open connection is cut."""
-    admin = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', autocommit=True)
-    killed = 0
-    try:
-        with admin.cursor() as cur:
-            cur.execute('SELECT id FROM information_schema.processlist WHERE db = %s AND id <> CONNECTION_ID()',
-                        (database_name,))
-            for (connection_id,) in cur.fetchall():
-                try:
-                    cur.execute(f'KILL CONNECTION {int(connection_id)}')
-                    killed += 1
-                except pymysql.err.OperationalError:
-                    pass
-    finally:
-        admin.close()
-    return killed
 
 
 def test_tasks_survive_redis_being_emptied_and_run_once(scheduler, make_user, run_worker, db, redis_server, config):

@@ -10,26 +10,16 @@ import subprocess
 import pytest
 import redis as redis_lib
 
-from conftest import batch, free_port, http, wait_until
-from test_recovery import kill_connections_to
-
-
-def create(service, user, payload):
-    status, body = http('POST', service.url + '/api/publish/create_batch', payload, user.headers)
-    assert status == 200, body
-    return body['task_ids']
+from conftest import batch, create, free_port, http, kill_connections_to, tasks, wait_until
 
 
 def statuses(service, user, task_ids):
-    status, body = http('GET', service.url + '/api/publish/tasks/status?task_ids=' + ','.join(task_ids),
-                        headers=user.headers)
-    assert status == 200, body
-    return {task['task_id']: task for task in body['tasks']}
+    return {task['task_id']: task for task in tasks(service, user, task_ids)}
 
 
 def all_succeeded(service, user, task_ids):
-    tasks = statuses(service, user, task_ids)
-    return len(tasks) == len(task_ids) and all(t['status'] == 'success' for t in tasks.values())
+    found = statuses(service, user, task_ids)
+    return len(found) == len(task_ids) and all(t['status'] == 'success' for t in found.values())
 
 
 def exactly_one_success_each(db, task_ids):

@@ -14,7 +14,6 @@ import pytest
 from conftest import free_port, wait_until
 from publishers.base import Attempt, AttemptSuperseded, BadAccount, LoginExpired, PublishError
 from publishers.wordpress import WordPressPublisher
-from wordpress_site import wordpress_site  # noqa: F401
 
 TITLE = '为什么学 Python 🐍'
 ARTICLE = """## 第一步：安装

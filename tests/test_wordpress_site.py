@@ -7,7 +7,7 @@ import urllib.request
 import pymysql
 
 from conftest import MYSQL_HOST, MYSQL_PORT
-from wordpress_site import WordPressSite, require_wordpress, wordpress_site  # noqa: F401
+from wordpress_site import WordPressSite, require_wordpress
 
 names = itertools.count(1)
 
