@@ -41,7 +41,7 @@ import web
 from accounts import COOKIE_LIMIT, AccountError, missing_cookies, parse_cookies
 from errors import BodyTooLarge, InvalidRequest, Refused
 from publishers import load_publishers
-from publishers.content import articles_from_markdown
+from content import articles_from_markdown
 
 log = logging.getLogger('topn.pages')
 

@@ -46,7 +46,7 @@ from errors import Refused
 from pool import (browser_marker, find_browser_processes, kill_browser_processes, kill_until_gone, lease_registry,
                   local_leases, working_limit)
 from publishers import load_publishers
-from publishers.content import articles_from_markdown
+from content import articles_from_markdown
 from scheduler import Scheduler, connect_redis
 from worker import worker_id_for, worker_main
 

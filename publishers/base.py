@@ -10,7 +10,7 @@ a cancel no longer stops it (the article is out; the task ends `success` with it
 import functools
 import time
 
-from publishers import content
+import content
 from tasks import UNKNOWN_OUTCOMES
 
 PACING_POLL = 0.5

@@ -12,7 +12,7 @@ import re
 
 from selenium.common.exceptions import WebDriverException
 
-from publishers import content
+import content
 from publishers.base import LoginExpired, Publisher, PublishError
 from publishers.browser import click, fetch, import_cookies, wait_for
 

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from selenium.common.exceptions import WebDriverException
 
-from publishers import content
+import content
 from publishers.base import BadAccount, LoginExpired, Publisher, PublishError
 from publishers.browser import click, fetch, import_cookies, wait_for
 

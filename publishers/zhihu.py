@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 from selenium.common.exceptions import WebDriverException
 
 from publishers.base import LoginExpired, Publisher, PublishError
-from publishers.content import text_content
+from content import text_content
 
 # -- what we rely on at Zhihu (one place: a platform change is a one-line fix here) ----------
 

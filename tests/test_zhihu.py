@@ -18,7 +18,7 @@ import config
 from accounts import parse_cookies
 from publishers.base import Attempt, LoginExpired, PublishError
 from publishers.zhihu import ZhihuPublisher, zhihu_html
-from publishers.content import render_markdown
+from content import render_markdown
 from zhihu_standin import ZhihuStandIn
 
 ZHUANLAN_HOST = 'zhuanlan.zhihu.localhost'
