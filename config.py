@@ -40,6 +40,8 @@ class Config:
     batch_max: int = 10
     title_max_chars: int = 500
     body_max_bytes: int = 1024 * 1024
+    image_max_bytes: int = 5 * 1024 * 1024
+    image_max_count: int = 20
     max_retries: int = 3
     retry_backoff: float = 2.0
     unknown_outcome_settle: float = 15.0
@@ -119,7 +121,7 @@ class Config:
         _require(_is_port(self.sandbox_bind.rpartition(':')[2]), 'TOPN_SANDBOX_BIND', 'must look like HOST:PORT')
         _require(urlsplit(self.redis_url).scheme in ('redis', 'rediss', 'unix'), 'TOPN_REDIS_URL',
                  'must look like redis://HOST:PORT/DB')
-        for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'user_rate_window',
+        for name in ('max_request_bytes', 'title_max_chars', 'body_max_bytes', 'image_max_bytes', 'image_max_count', 'user_rate_window',
                      'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout', 'retention_days',
                      'session_ttl', 'login_lockout'):
             _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')

@@ -329,6 +329,16 @@ class Database:
             [(r['task_id'], r['user_id'], r['article_id'], r['title'], r['content'],
               r['platform'], r['priority'], r['max_retries']) for r in rows])
 
+    @staticmethod
+    def insert_pictures(cur, task_id, pictures):
+        """Store the pictures a task references by name; bytes once per content."""
+        if not pictures:
+            return
+        cur.executemany('INSERT IGNORE INTO pictures (sha256, mime, size, data) VALUES (%s, %s, %s, %s)',
+                        [(p.sha256, p.mime, len(p.data), p.data) for p in pictures])
+        cur.executemany('INSERT INTO task_pictures (task_id, name, sha256) VALUES (%s, %s, %s)',
+                        [(task_id, p.source, p.sha256) for p in pictures])
+
     # -- reading tasks for a user ----------------------------------------------------
 
     @reconnects
@@ -423,6 +433,30 @@ class Database:
                     "ORDER BY attempt", (task_id, task['attempt']))
                 task['earlier_attempts'] = cur.fetchall()
             return task
+
+    @reconnects
+    def task_pictures(self, task_id):
+        """[(name, mime, bytes)] of the pictures a task references by name."""
+        with self.transaction() as cur:
+            cur.execute('SELECT t.name, p.mime, p.data FROM task_pictures t JOIN pictures p USING (sha256) '
+                        'WHERE t.task_id = %s ORDER BY t.name', (task_id,))
+            return [(row['name'], row['mime'], row['data']) for row in cur.fetchall()]
+
+    @reconnects
+    def rehosted_picture(self, user_id, platform, place, sha256):
+        """The platform URL of a picture this account uploaded there before, or None."""
+        with self.transaction() as cur:
+            cur.execute('SELECT url FROM rehosted_pictures WHERE user_id = %s AND platform = %s AND place = %s '
+                        'AND sha256 = %s', (user_id, platform, place[:255], sha256))
+            row = cur.fetchone()
+            return row['url'] if row else None
+
+    @reconnects
+    def remember_rehosted_picture(self, user_id, platform, place, sha256, url):
+        with self.transaction() as cur:
+            cur.execute('INSERT INTO rehosted_pictures (user_id, platform, place, sha256, url) '
+                        'VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE url = VALUES(url)',
+                        (user_id, platform, place[:255], sha256, url))
 
     @reconnects
     def set_progress(self, task_id, attempt, progress):
@@ -565,6 +599,8 @@ class Database:
             task_ids = [row['task_id'] for row in cur.fetchall()]
             if task_ids:
                 cur.execute('DELETE FROM publish_tasks WHERE task_id IN %s', (tuple(task_ids),))
+                cur.execute('DELETE p FROM pictures p LEFT JOIN task_pictures t ON t.sha256 = p.sha256 '
+                            'WHERE t.sha256 IS NULL')
             return task_ids
 
     # -- figures for operators ---------------------------------------------------------

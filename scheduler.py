@@ -30,6 +30,7 @@ import uuid
 
 import redis
 
+import images
 import tasks
 from db import DatabaseUnavailable
 from errors import Conflict, InvalidRequest, LimitReached, NotFound
@@ -162,7 +163,7 @@ class Scheduler:
         rows = [{
             'task_id': str(uuid.uuid4()), 'user_id': user_id, 'article_id': article.get('article_id'),
             'title': article['title'], 'content': article['content'], 'platform': platform,
-            'priority': priority, 'max_retries': self.config.max_retries,
+            'priority': priority, 'max_retries': self.config.max_retries, 'pictures': article['pictures'],
         } for article in articles]
 
         def admit(cur):
@@ -172,6 +173,8 @@ class Scheduler:
             self._check_articles_owned(cur, user_id, rows)
             self._check_limits(cur, user_id, len(rows))
             self.db.insert_tasks(cur, rows)
+            for row in rows:
+                self.db.insert_pictures(cur, row['task_id'], row['pictures'])
             return user
 
         user = self.db.run_transaction(admit)
@@ -222,7 +225,12 @@ class Scheduler:
         valid_id = isinstance(article_id, int) and not isinstance(article_id, bool) and article_id >= 1
         if article_id is not None and not valid_id:
             raise refuse('invalid_article_id', 'article_id must be a positive integer')
-        return {'title': title.strip(), 'content': content, 'article_id': article_id}
+        try:
+            pictures = images.checked_images(content, article.get('images'), self.config.image_max_bytes,
+                                             self.config.image_max_count)
+        except images.BadImage as bad:
+            raise refuse(bad.code, str(bad)) from None
+        return {'title': title.strip(), 'content': content, 'article_id': article_id, 'pictures': pictures}
 
     def _check_articles_owned(self, cur, user_id, rows):
         wanted = {row['article_id'] for row in rows if row['article_id'] is not None}

@@ -114,3 +114,37 @@ CREATE TABLE IF NOT EXISTS web_sessions (
     KEY ix_sessions_expires (expires_at),
     CONSTRAINT fk_sessions_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- The bytes of every picture an article was sent with, once per content. Stored in MySQL
+-- beside the tasks, so a worker on any host can publish the article.
+CREATE TABLE IF NOT EXISTS pictures (
+    sha256      CHAR(64)     NOT NULL PRIMARY KEY,
+    mime        VARCHAR(32)  NOT NULL,
+    size        INT UNSIGNED NOT NULL,
+    data        LONGBLOB     NOT NULL,
+    created_at  DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- The pictures a task's body references by name (pictures by URL are fetched when it runs).
+CREATE TABLE IF NOT EXISTS task_pictures (
+    task_id     CHAR(36)     NOT NULL,
+    name        VARCHAR(200) NOT NULL,
+    sha256      CHAR(64)     NOT NULL,
+    PRIMARY KEY (task_id, name),
+    KEY ix_task_pictures_sha (sha256),
+    CONSTRAINT fk_task_pictures_task FOREIGN KEY (task_id) REFERENCES publish_tasks (task_id) ON DELETE CASCADE,
+    CONSTRAINT fk_task_pictures_picture FOREIGN KEY (sha256) REFERENCES pictures (sha256)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- Pictures already uploaded to a platform for an account, where (`place`: a site and post,
+-- or '' for the account's whole platform): a retry re-uses them instead of uploading again.
+CREATE TABLE IF NOT EXISTS rehosted_pictures (
+    user_id     BIGINT UNSIGNED NOT NULL,
+    platform    VARCHAR(32)   NOT NULL,
+    place       VARCHAR(255)  NOT NULL,
+    sha256      CHAR(64)      NOT NULL,
+    url         VARCHAR(1024) NOT NULL,
+    created_at  DATETIME(3)   NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    PRIMARY KEY (user_id, platform, place, sha256),
+    CONSTRAINT fk_rehosted_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -17,6 +17,7 @@ import time
 
 import redis
 
+import images
 from accounts import AccountStore, AccountUnreadable, load_secret_key
 from db import Database, DatabaseUnavailable
 from pool import DriverPool, PoolBusy, PoolTimeout
@@ -102,7 +103,10 @@ class Worker:
         log.info('task %s attempt %s on %s: started', task_id, number, task['platform'])
         attempt = Attempt(task, self._progress_reporter(task_id, number), self.config.task_timeout,
                           remember_ref=lambda ref: self.db.set_platform_ref(task_id, number, ref),
-                          save_account=lambda fields: self.accounts.update(task['user_id'], task['platform'], fields))
+                          save_account=lambda fields: self.accounts.update(task['user_id'], task['platform'], fields),
+                          local_pictures=lambda: self._local_pictures(task_id),
+                          picture_memory=PictureMemory(self.db, task['user_id'], task['platform']),
+                          image_max_bytes=self.config.image_max_bytes)
         clean = False
         try:
             url = self._publish(task, attempt, room)
@@ -174,6 +178,9 @@ class Worker:
     def _cancel_room(self, room):
         if room is not None:
             self.driver_pool.cancel(room)
+
+    def _local_pictures(self, task_id):
+        return {name: images.Picture(name, mime, bytes(data)) for name, mime, data in self.db.task_pictures(task_id)}
 
     def _save_evidence(self, attempt):
         if attempt.driver is None:
@@ -298,6 +305,19 @@ class Worker:
                 log.warning('worker %s: heartbeat failed: %s', self.worker_id, error)
             except Exception:
                 log.exception('worker %s: heartbeat failed', self.worker_id)
+
+
+class PictureMemory:
+    """What pictures one account already has on its platform, kept in MySQL."""
+
+    def __init__(self, db, user_id, platform):
+        self.db, self.user_id, self.platform = db, user_id, platform
+
+    def get(self, picture, place):
+        return self.db.rehosted_picture(self.user_id, self.platform, place, picture.sha256)
+
+    def put(self, picture, place, url):
+        self.db.remember_rehosted_picture(self.user_id, self.platform, place, picture.sha256, url)
 
 
 def worker_main(config, leases):

@@ -11,6 +11,7 @@ import functools
 import time
 
 import content
+import images
 from tasks import UNKNOWN_OUTCOMES
 
 PACING_POLL = 0.5
@@ -69,7 +70,8 @@ class Attempt:
     """
 
     def __init__(self, task, report_progress, timeout, clock=time.monotonic,
-                 remember_ref=None, driver=None, account=None, save_account=None):
+                 remember_ref=None, driver=None, account=None, save_account=None, local_pictures=None,
+                 picture_memory=None, image_max_bytes=5 * 1024 * 1024):
         self.task_id = task['task_id']
         self.user_id = task['user_id']
         self.title = task['article_title']
@@ -86,6 +88,10 @@ class Attempt:
         self._report_progress = report_progress
         self._remember_ref = remember_ref
         self._save_account = save_account
+        self._local_pictures = local_pictures or (lambda: {})
+        self._picture_memory = picture_memory
+        self._image_max_bytes = image_max_bytes
+        self._pictures = None
         self._submit_gate = lambda: 0
         self._last_percent = 0
         self._clock = clock
@@ -95,6 +101,37 @@ class Attempt:
     @functools.cached_property
     def body_html(self):
         return content.render_markdown(self.content)
+
+    def pictures(self):
+        """The pictures the body references, in order: those sent with the article (stored
+        with the task) and those by URL, fetched now. One that cannot be fetched fails the
+        attempt with a message naming its URL."""
+        if self._pictures is not None:
+            return self._pictures
+        local = self._local_pictures()
+        found = []
+        for source in images.sources_in(self.body_html):
+            if not images.is_remote(source):
+                if source not in local:
+                    raise PublishError(f'图片 {source} 没有随文章保存 (the picture {source} was not stored with the '
+                                       'article)', retryable=False)
+                found.append(local[source])
+                continue
+            try:
+                found.append(images.fetch_picture(source, self._image_max_bytes))
+            except images.PictureUnavailable as error:
+                raise PublishError(str(error), retryable=error.retryable) from None
+        self._pictures = found
+        return found
+
+    def rehosted_url(self, picture, place):
+        """Where this account already has `picture` on the platform (`place`: e.g. a site and
+        post), or None: a retry does not upload it again."""
+        return self._picture_memory.get(picture, place) if self._picture_memory else None
+
+    def remember_rehosted(self, picture, place, url):
+        if self._picture_memory:
+            self._picture_memory.put(picture, place, url)
 
     @property
     def seconds_left(self):

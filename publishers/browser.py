@@ -1,10 +1,12 @@
 """Steps every browser publisher takes: import a login, call the platform from the page, wait."""
 
+import base64
 import time
 from urllib.parse import urlsplit
 
 from selenium.common.exceptions import WebDriverException
 
+import images
 from publishers.base import PublishError
 from tasks import EVIDENCE_FILES
 
@@ -59,6 +61,46 @@ def click(driver, selectors, what):
     for event in ('mousePressed', 'mouseReleased'):
         driver.execute_cdp_cmd('Input.dispatchMouseEvent',
                                {'type': event, 'x': x, 'y': y, 'button': 'left', 'clickCount': 1})
+
+
+UPLOAD_JS = """
+const [method, url, encoded, headers, done] = arguments;
+const bytes = Uint8Array.from(atob(encoded), character => character.charCodeAt(0));
+fetch(url, {method, credentials: 'include', headers, body: bytes})
+  .then(async response => done({status: response.status, text: await response.text()}))
+  .catch(error => done({status: 0, text: String(error)}));
+"""
+
+
+def upload_bytes(driver, method, url, data, headers, timeout=60):
+    """Send raw bytes (a picture) from the logged-in page, cookies included. Returns (status, text)."""
+    driver.set_script_timeout(timeout)
+    try:
+        answer = driver.execute_async_script(UPLOAD_JS, method, url, base64.b64encode(data).decode(), headers)
+    except WebDriverException as error:
+        raise PublishError(f'the page could not send {len(data)} bytes to {url}: {error.msg}') from error
+    return answer['status'], answer['text']
+
+
+def rehost_pictures(attempt, upload, place='', start=30, end=60):
+    """The body with every picture on the platform's own host. `upload(picture)` puts one there
+    and returns its URL; each is uploaded once per account and place (a retry finds what an
+    earlier attempt uploaded) and each upload is a progress step of its own. A failed upload
+    names its picture."""
+    pictures = attempt.pictures()
+    new_sources = {}
+    for number, picture in enumerate(pictures, 1):
+        url = attempt.rehosted_url(picture, place)
+        if url is None:
+            try:
+                url = upload(picture)
+            except PublishError as error:
+                raise PublishError(f'图片 {picture.source} 上传失败 (uploading the picture {picture.source} failed): '
+                                   f'{error}', retryable=error.retryable) from error
+            attempt.remember_rehosted(picture, place, url)
+        new_sources[picture.source] = url
+        attempt.progress(start + (end - start) * number // len(pictures))
+    return images.replace_sources(attempt.body_html, new_sources)
 
 
 def fetch(driver, method, url, body=None, headers=None, timeout=20):

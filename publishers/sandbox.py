@@ -14,13 +14,14 @@ from selenium.common.exceptions import WebDriverException
 
 import content
 from publishers.base import LoginExpired, Publisher, PublishError
-from publishers.browser import click, fetch, import_cookies, wait_for
+from publishers.browser import click, fetch, import_cookies, rehost_pictures, upload_bytes, wait_for
 
 PATHS = {
     'write': '/write',
     'login': '/login',
     'me': '/api/me',
     'my_articles': '/api/me/articles',
+    'images': '/api/images',
 }
 SELECTORS = {
     'title': ('#title', 'textarea[placeholder*="标题"]'),
@@ -123,7 +124,8 @@ class SandboxPublisher(Publisher):
             if earlier:
                 return earlier
             self._open_editor(driver)
-        self._fill(driver, attempt)
+        body = rehost_pictures(attempt, lambda picture: self._upload(driver, picture), start=30, end=55)
+        self._fill(driver, attempt, body)
         attempt.progress(60)
         click(driver, SELECTORS['publish'], 'publish button')
         self._expect_confirm_dialog(driver)
@@ -159,8 +161,18 @@ class SandboxPublisher(Publisher):
         if not has_editor:
             wait_for(lambda: driver.execute_script(EDITOR_STATE_JS, SELECTORS['editor'])[1], 10, 'the editor to load')
 
-    def _fill(self, driver, attempt):
-        filled = driver.execute_script(FILL_JS, SELECTORS['title'], SELECTORS['editor'], attempt.body_html,
+    def _upload(self, driver, picture):
+        """One picture onto the platform's image host, as its editor uploads a pasted one."""
+        status, text = upload_bytes(driver, 'POST', self.base_url + PATHS['images'], picture.data,
+                                    {'content-type': picture.mime})
+        if status == 401:
+            raise LoginExpired('沙盒平台登录已失效：请在账号页更新 Cookie (the stored sandbox login has expired)')
+        if status != 201:
+            raise PublishError(f'the platform refused the picture ({status}): {text[:200]}', retryable=status >= 500)
+        return json.loads(text)['url']
+
+    def _fill(self, driver, attempt, body_html):
+        filled = driver.execute_script(FILL_JS, SELECTORS['title'], SELECTORS['editor'], body_html,
                                        attempt.title)
         if filled is None:
             raise PublishError(f'the page has no title field or editor any more ({SELECTORS["title"]}, '

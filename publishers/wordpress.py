@@ -28,7 +28,7 @@ from selenium.common.exceptions import WebDriverException
 
 import content
 from publishers.base import BadAccount, LoginExpired, Publisher, PublishError
-from publishers.browser import click, fetch, import_cookies, wait_for
+from publishers.browser import click, fetch, import_cookies, rehost_pictures, upload_bytes, wait_for
 
 PATHS = {
     # Answers the REST nonce as plain text to a logged-in user, '0' (HTTP 400) to anyone else:
@@ -41,6 +41,7 @@ ROUTES = {
     'me': '/wp/v2/users/me',
     'posts': '/wp/v2/posts',
     'post': '/wp/v2/posts/{id}',
+    'media': '/wp/v2/media',
     'index': '/',
 }
 SELECTORS = {
@@ -108,6 +109,10 @@ class WordPressPublisher(Publisher):
         if post is None:
             post = session.create_draft(attempt.title, wordpress_html(attempt.body_html))
             attempt.remember_platform_ref(str(post['id']))
+        body = rehost_pictures(attempt, lambda picture: session.upload_media(post['id'], picture),
+                               place=f'{session.site} post {post["id"]}', start=30, end=55)
+        if attempt.pictures():
+            session.update_draft(post['id'], wordpress_html(body))
         attempt.progress(60)
 
         attempt.mark_submitted()
@@ -273,6 +278,22 @@ class WordPressSession:
 
     def create_draft(self, title, body):
         return self.call('POST', 'posts', body={'title': title, 'content': body, 'status': 'draft'})
+
+    def update_draft(self, post_id, body):
+        return self.request('POST', 'post', post_id=post_id, body={'content': body})[1]
+
+    def upload_media(self, post_id, picture):
+        """One picture into the site's media library as an attachment of the post; its URL on the
+        site's uploads."""
+        url = self.site + PATHS['rest'] + ROUTES['media'] + f'&post={post_id}'
+        headers = {'X-WP-Nonce': self.nonce or '', 'Content-Type': picture.mime,
+                   'Content-Disposition': f'attachment; filename="{picture.file_name}"'}
+        status, text = upload_bytes(self.driver, 'POST', url, picture.data, headers,
+                                    timeout=self._time_for(REQUEST_SECONDS))
+        answer = decode_json(text)
+        if status != 201 or not isinstance(answer, dict) or not answer.get('source_url'):
+            raise self._refusal('media', status, answer if answer is not None else text)
+        return answer['source_url']
 
     def publish(self, post_id):
         """Publish the post; a lost answer is settled by looking at the post."""

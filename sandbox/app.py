@@ -25,14 +25,17 @@ HTTP_STATUS = {
     'invalid_json': 400,
     'invalid_field': 400,
     'invalid_fault': 400,
+    'invalid_image': 400,
     'empty_content': 400,
     'title_too_long': 400,
     'invalid_credentials': 401,
     'not_logged_in': 401,
     'article_not_found': 404,
+    'image_not_found': 404,
     'account_exists': 409,
     'too_frequent': 429,
     'publish_failed': 500,
+    'upload_failed': 500,
     'response_lost': 502,
 }
 CODE_FOR_BOTTLE_STATUS = {404: 'not_found', 405: 'method_not_allowed', 500: 'internal_error'}
@@ -136,6 +139,24 @@ def add_api_routes(app, state):
         article = publish_like_a_flaky_platform(state, account, payload.get('title'), payload.get('body'))
         return {'id': article.id, 'url': article_url(article.id)}
 
+    @app.post('/api/images')
+    def upload_image():
+        """A picture's raw bytes, as the editor uploads a pasted picture; answers where it now lives."""
+        account = logged_in_account(state)
+        image = state.store_image(account, request.content_type.split(';')[0].strip(), request.body.read())
+        response.status = 201
+        return image_item(image)
+
+    @app.get('/api/images')
+    def all_images():
+        return {'images': [image_item(image) for image in state.images()]}
+
+    @app.get('/images/<image_id:int>')
+    def image_file(image_id):
+        image = state.image(image_id)
+        response.content_type = image.mime
+        return image.data
+
     @app.get('/api/faults')
     def read_faults():
         return state.faults().as_dict()
@@ -196,6 +217,11 @@ def article_item(article):
         'url': article_url(article.id),
         'created_at': article.created_at.isoformat(timespec='milliseconds'),
     }
+
+
+def image_item(image):
+    return {'id': image.id, 'account': image.account, 'mime': image.mime, 'size': len(image.data),
+            'sha256': image.sha256, 'url': f'{request.urlparts.scheme}://{request.urlparts.netloc}/images/{image.id}'}
 
 
 def article_url(article_id):

@@ -4,6 +4,7 @@ All of it lives in memory behind one lock; the sandbox is a throwaway test platf
 """
 
 import dataclasses
+import hashlib
 import hmac
 import itertools
 import random
@@ -45,6 +46,16 @@ class Article:
 
 
 @dataclass(frozen=True)
+class Image:
+    id: int
+    account: str
+    mime: str
+    data: bytes
+    sha256: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class Faults:
     """Run-time knobs that make the platform misbehave the way real platforms do."""
 
@@ -54,6 +65,7 @@ class Faults:
     expire_sessions: bool = False
     too_frequent: bool = False
     lost_response_rate: float = 0.0
+    fail_image_upload: int = 0   # N > 0: the Nth picture upload from now fails and stores nothing
 
     def updated(self, changes: dict) -> 'Faults':
         """Return a copy with `changes` applied; raise SandboxError('invalid_fault') naming the bad knob."""
@@ -77,6 +89,9 @@ def _validate_knob(name, value):
     elif name.endswith('_latency_ms'):
         if not _is_number(value) or not 0 <= value <= FAULT_LATENCY_MAX_MS:
             raise SandboxError('invalid_fault', f'{name} 必须是 0 到 {FAULT_LATENCY_MAX_MS} 之间的毫秒数，收到 {value!r}')
+    elif name == 'fail_image_upload':
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+            raise SandboxError('invalid_fault', f'{name} 必须是 0 到 1000 之间的整数，收到 {value!r}')
     elif not isinstance(value, bool):
         raise SandboxError('invalid_fault', f'{name} 必须是 true 或 false，收到 {value!r}')
 
@@ -90,6 +105,7 @@ class _Contents:
     passwords: dict = field(default_factory=dict)
     sessions: dict = field(default_factory=dict)
     articles: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
 
 
@@ -104,6 +120,7 @@ class SandboxState:
         self._lock = threading.Lock()
         self._contents = _Contents()
         self._article_ids = itertools.count(1)
+        self._image_ids = itertools.count(1)
         self._random = random.Random(seed)
 
     def reset(self):
@@ -170,6 +187,32 @@ class SandboxState:
             )
             self._contents.articles[article.id] = article
         return article
+
+    def store_image(self, account, mime, data) -> Image:
+        """Keep an uploaded picture, as a platform's image host does; the one-shot fault refuses it."""
+        if not data or not (mime or '').startswith('image/'):
+            raise SandboxError('invalid_image', '只能上传图片')
+        with self._lock:
+            countdown = self._contents.faults.fail_image_upload
+            if countdown:
+                self._contents.faults = dataclasses.replace(self._contents.faults, fail_image_upload=countdown - 1)
+                if countdown == 1:
+                    raise SandboxError('upload_failed', '图片上传失败，请稍后再试')
+            image = Image(id=next(self._image_ids), account=account, mime=mime, data=bytes(data),
+                          sha256=hashlib.sha256(data).hexdigest(), created_at=datetime.now(timezone.utc))
+            self._contents.images[image.id] = image
+        return image
+
+    def image(self, image_id) -> Image:
+        with self._lock:
+            found = self._contents.images.get(image_id)
+        if found is None:
+            raise SandboxError('image_not_found', '图片不存在')
+        return found
+
+    def images(self) -> list:
+        with self._lock:
+            return list(self._contents.images.values())
 
     def article(self, article_id) -> Article:
         with self._lock:

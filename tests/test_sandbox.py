@@ -316,6 +316,7 @@ def test_faults_set_a_subset_and_answer_the_full_knob_set(sandbox):
         'expire_sessions': False,
         'too_frequent': True,
         'lost_response_rate': 0.0,
+        'fail_image_upload': 0,
     }
     assert call(sandbox, 'GET', '/api/faults') == (200, answer)
 

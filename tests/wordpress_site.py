@@ -212,12 +212,13 @@ class WordPressSite:
         (content_dir / 'mu-plugins' / 'topn-faults.php').write_text(FAULTS_PLUGIN)
         (content_dir / 'uploads').mkdir()
         (self.workdir / 'run.php').write_text(PHP_RUNNER)
+        (self.workdir / 'router.php').write_text(ROUTER.replace('UPLOADS_DIR', php_string(str(content_dir / 'uploads'))))
 
     def _serve(self):
         with open(self.log_path, 'w') as log:
             self.process = subprocess.Popen(
                 ['php', '-d', 'display_errors=0', '-d', 'log_errors=1', '-d', f'error_log={self.log_path}',
-                 '-S', f'{self.host}:{self.port}', '-t', str(WORDPRESS_ROOT)],
+                 '-S', f'{self.host}:{self.port}', '-t', str(WORDPRESS_ROOT), str(self.workdir / 'router.php')],
                 env={**os.environ, 'PHP_CLI_SERVER_WORKERS': '4'}, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         wait_until(self._listening, timeout=START_SECONDS, message=f'php -S on {self.url} (log: {self.log_path})')
@@ -301,6 +302,29 @@ class WordPressSite:
     def clear_faults(self):
         for name in self.faults():
             self.php('return delete_option($args["option"]);', option=FAULT_OPTION_PREFIX + name)
+
+
+# php -S serves files from WordPress's code folder only; this instance's uploads live in its own
+# content dir, so they are served from there. Anything else goes on as php -S would serve it.
+ROUTER = r'''<?php
+$path = urldecode(parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH));
+$prefix = '/wp-content/uploads/';
+if (strncmp($path, $prefix, strlen($prefix)) !== 0) {
+    return false;
+}
+$uploads = realpath(UPLOADS_DIR);
+$file = realpath($uploads . '/' . substr($path, strlen($prefix)));
+if ($file === false || strncmp($file, $uploads . '/', strlen($uploads) + 1) !== 0 || !is_file($file)) {
+    http_response_code(404);
+    return true;
+}
+$types = array('png' => 'image/png', 'jpg' => 'image/jpeg', 'jpeg' => 'image/jpeg', 'gif' => 'image/gif',
+               'webp' => 'image/webp');
+header('Content-Type: ' . ($types[strtolower(pathinfo($file, PATHINFO_EXTENSION))] ?? 'application/octet-stream'));
+header('Content-Length: ' . filesize($file));
+readfile($file);
+return true;
+'''
 
 
 def require_wordpress():
