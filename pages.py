@@ -20,6 +20,7 @@ from <body hx-headers>. Errors are mapped in one place (`page_errors`): a small 
 for htmx a message in the page's #flash; a stack trace never reaches the browser.
 """
 
+import base64
 import dataclasses
 import datetime
 import functools
@@ -35,7 +36,9 @@ import bottle
 import jinja2
 
 import auth
+import content
 import errors
+import images
 import tasks
 import web
 from accounts import COOKIE_LIMIT, AccountError, missing_cookies, parse_cookies
@@ -54,6 +57,7 @@ PLATFORM = '<platform:re:[a-z0-9_]{1,32}>'
 TASKS_PER_PAGE = 20
 STOP_POLLING = '286 Stop Polling'
 UPLOAD_SUFFIXES = ('.md', '.markdown', '.txt')
+PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.gif', '.webp')
 
 STATUS_LABELS = {'pending': '等待中', 'running': '发布中', 'success': '已发布', 'failed': '失败',
                  'retry': '等待重试', 'cancelled': '已取消'}
@@ -75,6 +79,11 @@ SENTENCES = {
     'empty_content': '{where}缺少正文。',
     'content_too_large': '{where}的正文太大了：最多 {body_kib} KB。',
     'invalid_text': '{where}含有无法识别的字符，请检查后重新粘贴。',
+    'invalid_image': '{where}的图片不是 PNG、JPEG、GIF 或 WebP 图片（{detail}）。',
+    'invalid_images': '{where}的图片格式不对（{detail}）。',
+    'image_missing': '{where}引用的图片没有一起上传：请把图片文件和 Markdown 文件一起选择（{detail}）。',
+    'image_too_large': '{where}的图片太大了：每张最多 {image_mib} MB（{detail}）。',
+    'too_many_images': '{where}的图片太多了：每篇最多 {image_count} 张。',
     'invalid_article_id': '{where}关联的文章编号无效。',
     'article_not_found': '关联的文章不存在。',
     'unknown_platform': '请选择要发布到的平台。',
@@ -247,6 +256,8 @@ class Pages:
             'max_active': config.user_max_active, 'rate': config.user_rate, 'window': config.user_rate_window,
             'retry_after': retry_after or config.user_rate_window,
             'request_mib': round(config.max_request_bytes / 1024 / 1024, 1),
+            'image_mib': round(config.image_max_bytes / 1024 / 1024, 1), 'image_count': config.image_max_count,
+            'detail': getattr(error, 'message', ''),
         }
         return SENTENCES.get(code, UNKNOWN_REFUSAL).format(code=code, **fields)
 
@@ -358,12 +369,14 @@ class Pages:
         form = self.form()
         platform, priority = form_text(form, 'platform'), form_text(form, 'priority', 'normal')
         articles = [slot for slot in typed_slots(form) if slot['title'].strip() or slot['content'].strip()]
+        pictures = {}
         try:
+            pictures = self.form_pictures(form)
             articles += self.uploaded_articles()
-            task_ids = self.submit(user, articles, platform, priority)
+            task_ids = self.submit(user, with_pictures(articles, pictures), platform, priority)
         except Refused as refusal:
             context = self.form_context(user, articles, platform, priority, Notice('error', self.sentence(refusal)),
-                                        bad_slot=refusal.article)
+                                        bad_slot=refusal.article, pictures=pictures)
             headers = {'Retry-After': str(refusal.retry_after)} if refusal.retry_after else {}
             return self.form_answer(user, context, refusal.status, headers)
         log.info('user %s submitted %d tasks from the page', user['name'], len(task_ids))
@@ -395,9 +408,10 @@ class Pages:
             del slots[int(removed)]
         notice = None
         try:
+            pictures = self.form_pictures(form)
             uploaded = self.uploaded_articles()
         except PageRefused as refusal:
-            uploaded, notice = [], Notice('error', refusal.sentence)
+            pictures, uploaded, notice = {}, [], Notice('error', refusal.sentence)
         empty = [i for i, slot in enumerate(slots) if not slot['title'].strip() and not slot['content'].strip()]
         for article in uploaded:
             if empty:
@@ -413,7 +427,7 @@ class Pages:
         elif uploaded and notice is None:
             notice = Notice('ok', f'已从 {len(uploaded)} 个文件读入文章，请检查后发布。')
         context = self.form_context(user, slots, form_text(form, 'platform'), form_text(form, 'priority', 'normal'),
-                                    notice)
+                                    notice, pictures=pictures)
         return self.form_answer(user, context, 200)
 
     def uploaded_articles(self):
@@ -425,8 +439,10 @@ class Pages:
             if not name:
                 continue
             stem, suffix = os.path.splitext(name)
+            if suffix.lower() in PICTURE_SUFFIXES:
+                continue
             if suffix.lower() not in UPLOAD_SUFFIXES:
-                raise PageRefused('invalid_upload', f'“{name}”不是 .md 或 .txt 文件。')
+                raise PageRefused('invalid_upload', f'“{name}”不是 .md、.txt 文件或图片。')
             raw = upload.file.read(self.config.body_max_bytes + 4 * self.config.title_max_chars + 1)
             if len(raw) > self.config.body_max_bytes + 4 * self.config.title_max_chars:
                 raise PageRefused('invalid_upload', f'“{name}”太大了：正文最多 {self.config.body_max_bytes // 1024} KB。')
@@ -437,9 +453,29 @@ class Pages:
             articles.extend(articles_from_markdown(text, stem))
         return articles
 
-    def form_context(self, user, slots=None, platform='', priority='normal', notice=None, bad_slot=None):
+    def form_pictures(self, form):
+        """{file name: base64} of the pictures of the form: uploaded now (.png, .jpg, .gif, .webp
+        beside the Markdown files), or kept from an earlier upload in hidden fields."""
+        pictures = dict(zip(form_texts(form, 'picture_name'), form_texts(form, 'picture_data')))
+        limit = self.config.image_max_bytes
+        for upload in bottle.request.files.getall('files'):
+            name = upload.raw_filename.replace('\\', '/').rsplit('/', 1)[-1]
+            if os.path.splitext(name)[1].lower() not in PICTURE_SUFFIXES:
+                continue
+            data = upload.file.read(limit + 1)
+            if len(data) > limit:
+                raise PageRefused('invalid_upload', f'图片“{name}”太大了：每张最多 {limit // 1024 // 1024} MB。')
+            if images.image_kind(data) is None:
+                raise PageRefused('invalid_upload', f'“{name}”不是 PNG、JPEG、GIF 或 WebP 图片。')
+            pictures[name] = base64.b64encode(data).decode()
+            upload.file.seek(0)
+        return pictures
+
+    def form_context(self, user, slots=None, platform='', priority='normal', notice=None, bad_slot=None,
+                     pictures=None):
         platforms = self.account_platforms(user)
         return {
+            'pictures': sorted((pictures or {}).items()),
             'slots': slots or [{'title': '', 'content': ''}],
             'platforms': platforms,
             'chosen_platform': platform or (platforms[0][0] if platforms else ''),
@@ -672,6 +708,18 @@ def check_cookie_text(publisher, text):
     missing = missing_cookies(publisher, pairs)
     if missing:
         raise PageRefused('invalid_cookies', f'缺少必需的 Cookie：{", ".join(missing)}。请从已登录的浏览器中复制完整的 Cookie。')
+
+
+def with_pictures(articles, pictures):
+    """The articles, each with the pictures of `pictures` ({file name: base64}) its Markdown
+    references, by the name it uses (a path like images/a.png finds the file a.png)."""
+    found = []
+    for article in articles:
+        wanted = [source for source in images.sources_in(content.render_markdown(article['content']))
+                  if not images.is_remote(source)]
+        given = {source: pictures.get(source, pictures.get(source.rsplit('/', 1)[-1])) for source in wanted}
+        found.append({**article, 'images': {source: data for source, data in given.items() if data is not None}})
+    return found
 
 
 def typed_slots(form):

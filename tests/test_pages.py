@@ -467,17 +467,20 @@ def test_files_uploaded_with_the_submit_become_articles_of_the_batch(browser, ma
             ('打出来的', '正文'), ('文件里的', '内容')]
 
 
-def test_an_upload_that_is_not_markdown_or_utf8_is_refused_in_words(browser, make_user, db, config):
+def test_an_upload_that_is_not_markdown_utf8_or_a_real_picture_is_refused_in_words(browser, make_user, db, config):
     make_user('alice')
     browser.log_in('alice')
 
     binary = browser.post('/batches/form', article_fields(('', '')), files=[('files', 'x.md', b'\xff\xfe\x00bad')],
                           htmx=True)
-    image = browser.post('/batches/form', article_fields(('', '')), files=[('files', 'cat.png', b'\x89PNG')],
+    other = browser.post('/batches/form', article_fields(('', '')), files=[('files', 'cat.pdf', b'%PDF-1.4')],
                          htmx=True)
+    fake = browser.post('/batches/form', article_fields(('', '')), files=[('files', 'cat.png', b'%PDF-1.4')],
+                        htmx=True)
 
     assert '不是 UTF-8 编码的文本文件' in binary.text
-    assert '不是 .md 或 .txt 文件' in image.text
+    assert '不是 .md、.txt 文件或图片' in other.text
+    assert '不是 PNG、JPEG、GIF 或 WebP 图片' in fake.text, 'a picture is judged by its bytes'
 
 
 def test_form_adds_and_removes_article_slots_without_submitting(browser, make_user, db):

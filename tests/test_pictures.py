@@ -225,3 +225,35 @@ def test_pictures_become_attachments_of_the_wordpress_post_served_from_its_uploa
     sources = set(re.findall(r'<img [^>]*src="([^"]*)"', post['content']))
     assert sources == set(attached), 'the body references only the media library copies'
     assert tasks(service, user, [task_id])[0]['result_url'] == post['link']
+
+
+# -- the page ------------------------------------------------------------------------------------------
+
+def test_the_page_publishes_a_markdown_file_with_its_picture_in_a_real_browser(
+        sandbox_service, sandbox_writer, platform, headless_browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    service = sandbox_service()
+    folder = tmp_path / 'upload'
+    folder.mkdir()
+    (folder / '游记.md').write_text('# 山里的一天\n\n清晨的山谷：\n\n![山谷](pictures/valley.png)\n', encoding='utf-8')
+    (folder / 'valley.png').write_bytes(LOCAL_A)
+    chrome = headless_browser
+
+    chrome.get(service.url + '/login')
+    chrome.find_element(By.NAME, 'username').send_keys('writer')
+    chrome.find_element(By.NAME, 'password').send_keys('secret')
+    chrome.find_element(By.CSS_SELECTOR, 'form[action="/login"] button[type=submit]').click()
+    wait_until(lambda: chrome.find_elements(By.ID, 'batch-form'), timeout=10, message='the page after logging in')
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form input[type=file]').send_keys(
+        f'{folder / "游记.md"}\n{folder / "valley.png"}')
+    wait_until(lambda: chrome.execute_script(
+        'return [...document.querySelectorAll(".picture-name")].map(n => n.textContent)') == ['valley.png'],
+        timeout=10, message='the picture attached to the form')
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
+
+    wait_until(lambda: [a['title'] for a in platform.articles()] == ['山里的一天'], timeout=90,
+               message='the article on the sandbox')
+    [hosted] = platform.call('GET', '/api/images')['images']
+    assert hosted['sha256'] == sha(LOCAL_A)
+    [article] = platform.articles()
+    assert re.findall(r'<img [^>]*src="([^"]*)"', published_body(platform, article)) == [hosted['url']]
