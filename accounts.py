@@ -75,6 +75,10 @@ def parse_cookies(text):
     return pairs
 
 
+def _blank(value):
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def missing_cookies(publisher, pairs):
     names = {name for name, _ in pairs}
     return [name for name in publisher.required_cookies if name not in names]
@@ -92,8 +96,11 @@ class AccountStore:
         self.db.save_account(user_id, publisher.name, self._encrypt(stored))
 
     def checked_fields(self, publisher, fields):
-        """The fields to store, or AccountError saying what is wrong with them."""
-        fields = {name: fields.get(name) for name in publisher.login_fields}
+        """The fields to store, or AccountError saying what is wrong with them. An optional
+        field left empty is not stored."""
+        given = {name: fields.get(name) for name in publisher.login_fields}
+        fields = {name: value for name, value in given.items()
+                  if name not in publisher.optional_login_fields or not _blank(value)}
         for name, value in fields.items():
             if not isinstance(value, str) or not value.strip():
                 raise AccountError(f'{publisher.label or publisher.name} needs {name}', f'missing_{name}')
@@ -124,6 +131,17 @@ class AccountStore:
             fields['cookies'] = [tuple(pair) for pair in fields['cookies']]
         return fields
 
+    def optional_fields(self, user_id, publisher):
+        """The stored optional fields of a login (not secret: a column name), for showing the
+        user what they chose; {} when none are stored or the login cannot be read."""
+        if not publisher.optional_login_fields:
+            return {}
+        try:
+            stored = self.load(user_id, publisher.name) or {}
+        except AccountUnreadable:
+            return {}
+        return {name: stored[name] for name in publisher.optional_login_fields if name in stored}
+
     def update(self, user_id, platform, fields):
         """Merge fresher fields (session cookies a task or a check got) into a stored login."""
         stored = self.load(user_id, platform)
@@ -135,7 +153,8 @@ class AccountStore:
 
 
 class LoginChecker:
-    """Asks a platform, in a real browser, whether a user's stored login still works.
+    """Asks a platform, in a real browser, whether a user's stored login still works, and
+    stores the session cookies the platform refreshed meanwhile.
 
     Its browsers come from a DriverPool under the machine-wide leases, so checks count
     against TOPN_MAX_DRIVERS like the workers' browsers; at most CHECKS_AT_ONCE run at a time.
@@ -159,10 +178,14 @@ class LoginChecker:
         if not self._slots.acquire(blocking=False):
             raise LimitReached('checks_busy', 'other login checks are running; try again in a few seconds',
                                retry_after=5)
+        checked = dict(account)
         try:
-            ok, detail = self._ask(publisher, account)
+            ok, detail = self._ask(publisher, checked)
         finally:
             self._slots.release()
+        refreshed = {name: value for name, value in checked.items() if account.get(name) != value}
+        if ok and refreshed:
+            self.store.update(user_id, publisher.name, refreshed)
         if ok is not None:
             self.store.db.record_account_check(user_id, publisher.name, ok, detail)
         return ok, detail

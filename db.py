@@ -30,6 +30,7 @@ SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
 CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
 CONFLICT_CODES = (1205, 1213)  # lock wait timeout, deadlock: the server rolled back, the connection lives
 CONFLICT_RETRIES = 3
+RESULT_NOTE_MAX_CHARS = 1000  # publish_tasks.result_note
 
 
 class DatabaseUnavailable(Exception):
@@ -325,9 +326,9 @@ class Database:
     def insert_tasks(cur, rows):
         cur.executemany(
             'INSERT INTO publish_tasks (task_id, user_id, article_id, article_title, article_content, '
-            'platform, priority, max_retries) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)',
+            'platform, priority, max_retries, topics) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)',
             [(r['task_id'], r['user_id'], r['article_id'], r['title'], r['content'],
-              r['platform'], r['priority'], r['max_retries']) for r in rows])
+              r['platform'], r['priority'], r['max_retries'], _json_or_null(r.get('topics'))) for r in rows])
 
     @staticmethod
     def insert_pictures(cur, task_id, pictures):
@@ -397,7 +398,8 @@ class Database:
         """Turn a failed or cancelled task back into a pending one with its retries restored."""
         cur.execute(
             "UPDATE publish_tasks SET status = 'pending', retry_count = 0, progress = 0, result_url = NULL, "
-            "error_message = NULL, completed_at = NULL, next_attempt_at = NULL, cancel_requested = 0 "
+            "error_message = NULL, result_note = NULL, completed_at = NULL, next_attempt_at = NULL, "
+            "cancel_requested = 0 "
             "WHERE user_id = %s AND task_id = %s AND status IN ('failed', 'cancelled')",
             (user_id, task_id))
         return cur.rowcount == 1
@@ -423,6 +425,7 @@ class Database:
                         'FROM publish_tasks WHERE task_id = %s',
                         (task_id,))
             task = cur.fetchone()
+            task['topics'] = topics_of(task['topics'])
             cur.execute(
                 'INSERT INTO publish_history (task_id, attempt, worker_id, started_at) VALUES (%s, %s, %s, %s)',
                 (task_id, task['attempt'], worker_id, task['started_at']))
@@ -498,13 +501,14 @@ class Database:
             return cur.rowcount
 
     @reconnects
-    def end_attempt(self, task_id, attempt, status, outcome, error=None, result_url=None, retry_in=None):
+    def end_attempt(self, task_id, attempt, status, outcome, error=None, result_url=None, retry_in=None,
+                    note=None):
         """Move a running attempt to its next state: success, failed, cancelled, or retry
-        (then `retry_in` seconds of backoff). False when the attempt no longer owns the
-        task, in which case nothing changed."""
+        (then `retry_in` seconds of backoff); `note` is what a published task's user should
+        know. False when the attempt no longer owns the task, in which case nothing changed."""
         with self.transaction() as cur:
             cur.execute(
-                "UPDATE publish_tasks SET status = %s, error_message = %s, "
+                "UPDATE publish_tasks SET status = %s, error_message = %s, result_note = %s, "
                 "result_url = COALESCE(%s, result_url), "
                 "progress = IF(%s = 'success', 100, progress), "
                 "retry_count = retry_count + IF(%s = 'retry', 1, 0), "
@@ -512,8 +516,8 @@ class Database:
                 "completed_at = IF(%s IN ('success', 'failed', 'cancelled'), NOW(3), NULL), "
                 "worker_id = NULL, lease_expires_at = NULL, cancel_requested = 0 "
                 "WHERE task_id = %s AND attempt = %s AND status = 'running'",
-                (status, error, result_url, status, status, status, int((retry_in or 0) * 1e6), status,
-                 task_id, attempt))
+                (status, error, note and note[:RESULT_NOTE_MAX_CHARS], result_url, status, status, status,
+                 int((retry_in or 0) * 1e6), status, task_id, attempt))
             if cur.rowcount != 1:
                 return False
             cur.execute(
@@ -685,7 +689,17 @@ class Database:
 
 TASK_COLUMNS = (
     'task_id, user_id, article_id, article_title, platform, priority, status, progress, result_url, '
-    'error_message, retry_count, max_retries, created_at, started_at, completed_at, updated_at')
+    'error_message, retry_count, max_retries, created_at, started_at, completed_at, updated_at, '
+    'topics, result_note')
+
+
+def _json_or_null(value):
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def topics_of(raw):
+    """The topics column as a list of names, or None when the user named none."""
+    return None if raw is None else json.loads(raw)
 
 
 def schema_statements():

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import time
 import urllib.parse
 import zoneinfo
@@ -42,9 +43,11 @@ import images
 import tasks
 import web
 from accounts import COOKIE_LIMIT, AccountError, missing_cookies, parse_cookies
+from db import topics_of
 from errors import BodyTooLarge, InvalidRequest, Refused
 from publishers import load_publishers
 from content import articles_from_markdown
+from scheduler import TOPIC_MAX_CHARS, TOPICS_MAX
 
 log = logging.getLogger('topn.pages')
 
@@ -89,6 +92,7 @@ SENTENCES = {
     'unknown_platform': '请选择要发布到的平台。',
     'no_account': '你还没有添加这个平台的账号，请先到“平台账号”页保存登录 Cookie。',
     'invalid_priority': '请选择“普通”或“加急”。',
+    'invalid_topics': '话题写得不对：最多 {topics_max} 个，用逗号分开，每个不超过 {topic_chars} 个字。',
     'too_many_active': '同时最多只能有 {max_active} 个未完成的任务，提交这一批会超出上限；请等前面的任务完成后再提交。',
     'rate_limited': '每 {window} 秒最多新建 {rate} 个任务，已经达到上限；请 {retry_after} 秒后再提交。',
     'body_too_large': '提交的内容太大了：一次最多 {request_mib} MB。',
@@ -141,6 +145,7 @@ class TaskRow:
     created_at: datetime.datetime
     completed_at: datetime.datetime
     url: str
+    note: str
     error: str
     evidence: list
     can_cancel: bool
@@ -258,6 +263,7 @@ class Pages:
             'request_mib': round(config.max_request_bytes / 1024 / 1024, 1),
             'image_mib': round(config.image_max_bytes / 1024 / 1024, 1), 'image_count': config.image_max_count,
             'detail': getattr(error, 'message', ''),
+            'topics_max': TOPICS_MAX, 'topic_chars': TOPIC_MAX_CHARS,
         }
         return SENTENCES.get(code, UNKNOWN_REFUSAL).format(code=code, **fields)
 
@@ -370,13 +376,16 @@ class Pages:
         platform, priority = form_text(form, 'platform'), form_text(form, 'priority', 'normal')
         articles = [slot for slot in typed_slots(form) if slot['title'].strip() or slot['content'].strip()]
         pictures = {}
+        topics = form_text(form, 'topics')
         try:
             pictures = self.form_pictures(form)
             articles += self.uploaded_articles()
-            task_ids = self.submit(user, with_pictures(articles, pictures), platform, priority)
+            task_ids = self.submit(user, [{**article, 'topics': topic_names(topics)}
+                                          for article in with_pictures(articles, pictures)], platform, priority)
         except Refused as refusal:
             context = self.form_context(user, articles, platform, priority, Notice('error', self.sentence(refusal)),
                                         bad_slot=refusal.article, pictures=pictures)
+            context['chosen_topics'] = topics
             headers = {'Retry-After': str(refusal.retry_after)} if refusal.retry_after else {}
             return self.form_answer(user, context, refusal.status, headers)
         log.info('user %s submitted %d tasks from the page', user['name'], len(task_ids))
@@ -428,6 +437,7 @@ class Pages:
             notice = Notice('ok', f'已从 {len(uploaded)} 个文件读入文章，请检查后发布。')
         context = self.form_context(user, slots, form_text(form, 'platform'), form_text(form, 'priority', 'normal'),
                                     notice, pictures=pictures)
+        context['chosen_topics'] = form_text(form, 'topics')
         return self.form_answer(user, context, 200)
 
     def uploaded_articles(self):
@@ -480,6 +490,7 @@ class Pages:
             'platforms': platforms,
             'chosen_platform': platform or (platforms[0][0] if platforms else ''),
             'chosen_priority': priority,
+            'chosen_topics': '',
             'form_notice': notice,
             'bad_slot': bad_slot,
         }
@@ -544,6 +555,7 @@ class Pages:
             created_at=row['created_at'],
             completed_at=row['completed_at'],
             url=web_url(row['result_url']),
+            note=row['result_note'] if status == tasks.SUCCESS else None,
             error=row['error_message'] if status in (tasks.FAILED, tasks.RETRY, tasks.CANCELLED) else None,
             evidence=evidence_links(row['task_id'], *last_attempt) if last_attempt else [],
             can_cancel=status in tasks.CANCELLABLE and not row['cancel_requested'],
@@ -587,7 +599,7 @@ class Pages:
                                                            evidence.get(attempt['attempt'], ()))}
                     for attempt in self.db.history(task_id)]
         return self.render('task.html', user, task=row, url=web_url(row['result_url']), attempts=attempts,
-                           platform_label=self.platform_label(row['platform']))
+                           platform_label=self.platform_label(row['platform']), topics=topics_of(row['topics']))
 
     # -- platform logins ---------------------------------------------------------------
 
@@ -599,7 +611,8 @@ class Pages:
         stored = {row['platform']: row for row in self.db.accounts_of(user['id'])}
         return {
             'platforms': [{'name': p.name, 'label': p.label or p.name, 'required': p.required_cookies,
-                           'account': stored.get(p.name), 'fields': self.login_inputs(user, p, p.name in stored)}
+                           'account': stored.get(p.name), 'fields': self.login_inputs(user, p, p.name in stored),
+                           'optional': self.optional_fields(user, p, stored)}
                           for p in self.publishers.values() if p.needs_browser],
             'accounts_notice': notice,
         }
@@ -615,7 +628,12 @@ class Pages:
                 shown = {}
         return [{'name': name, 'label': LOGIN_FIELD_LABELS[name][0], 'type': LOGIN_FIELD_LABELS[name][1],
                  'value': shown.get(name, '') if name in SHOWN_LOGIN_FIELDS else ''}
-                for name in publisher.login_fields]
+                for name in publisher.login_fields if name not in publisher.optional_login_fields]
+
+    def optional_fields(self, user, publisher, stored):
+        """[(name, label, hint, stored value)] of the login's optional fields, for its form."""
+        values = self.account_store.optional_fields(user['id'], publisher) if publisher.name in stored else {}
+        return [(name, *OPTIONAL_FIELD_WORDS[name], values.get(name, '')) for name in publisher.optional_login_fields]
 
     def accounts_answer(self, user, notice, status=200):
         template = '_accounts.html' if is_htmx() else 'accounts.html'
@@ -692,6 +710,9 @@ class Pages:
 
 # -- helpers that need no state ------------------------------------------------------------
 
+OPTIONAL_FIELD_WORDS = {  # a login's optional fields: (label, hint)
+    'column': ('收入专栏（可选）', '专栏的编号或网址，如 c_1234567890；每篇发布的文章都会收入这个专栏。留空则不收入专栏。'),
+}
 COOKIE_FORMAT = 'Cookie 的格式不对：应为“name=value; name2=value2”，可以从已登录浏览器的开发者工具中复制。'
 
 
@@ -720,6 +741,12 @@ def with_pictures(articles, pictures):
         given = {source: pictures.get(source, pictures.get(source.rsplit('/', 1)[-1])) for source in wanted}
         found.append({**article, 'images': {source: data for source, data in given.items() if data is not None}})
     return found
+
+
+def topic_names(text):
+    """The topics typed into the batch form, separated by commas (either width), 、 or ;."""
+    names = [name.strip() for name in re.split(r'[,，、;；\n]+', text or '') if name.strip()]
+    return names or None
 
 
 def typed_slots(form):

@@ -39,6 +39,8 @@ log = logging.getLogger('topn.scheduler')
 
 RECONCILE_SETTLE = 5.0
 CLEANUP_INTERVAL = 600.0
+TOPICS_MAX = 5
+TOPIC_MAX_CHARS = 50
 
 
 # -- Redis keys ----------------------------------------------------------------------
@@ -137,6 +139,23 @@ def _is_encodable(text):
         return False
 
 
+def validate_topics(topics):
+    """Topic names a user gave (for a batch or one article) as stored: trimmed, duplicates
+    dropped, None when none were named. Raises ValueError saying what is wrong."""
+    if topics is None:
+        return None
+    if not isinstance(topics, list) or not all(isinstance(topic, str) for topic in topics):
+        raise ValueError('topics must be a list of topic names')
+    names = list(dict.fromkeys(topic.strip() for topic in topics if topic.strip()))
+    if len(names) > TOPICS_MAX:
+        raise ValueError(f'at most {TOPICS_MAX} topics may be named, not {len(names)}')
+    for name in names:
+        if len(name) > TOPIC_MAX_CHARS or not _is_encodable(name):
+            raise ValueError(f'the topic {name[:TOPIC_MAX_CHARS]!r} is not a topic name of at most '
+                             f'{TOPIC_MAX_CHARS} characters')
+    return names or None
+
+
 def connect_redis(url):
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
 
@@ -164,6 +183,7 @@ class Scheduler:
             'task_id': str(uuid.uuid4()), 'user_id': user_id, 'article_id': article.get('article_id'),
             'title': article['title'], 'content': article['content'], 'platform': platform,
             'priority': priority, 'max_retries': self.config.max_retries, 'pictures': article['pictures'],
+            'topics': article['topics'],
         } for article in articles]
 
         def admit(cur):
@@ -199,10 +219,16 @@ class Scheduler:
         priority = payload.get('priority') or tasks.NORMAL
         if priority not in tasks.PRIORITIES:
             raise InvalidRequest('invalid_priority', f'priority must be one of {", ".join(tasks.PRIORITIES)}')
-        return [self._validate_article(i, article) for i, article in enumerate(articles)], platform, priority
+        try:
+            topics = validate_topics(payload.get('topics'))
+        except ValueError as error:
+            raise InvalidRequest('invalid_topics', str(error)) from None
+        validated = [self._validate_article(i, article, topics) for i, article in enumerate(articles)]
+        return validated, platform, priority
 
-    def _validate_article(self, index, article):
-        """The article as it will be stored, or InvalidRequest naming it (`article` = index)."""
+    def _validate_article(self, index, article, batch_topics=None):
+        """The article as it will be stored, or InvalidRequest naming it (`article` = index).
+        Its own topics, if it names any, else the batch's."""
         def refuse(code, message):
             return InvalidRequest(code, f'article {index + 1}: {message}', article=index)
 
@@ -230,7 +256,12 @@ class Scheduler:
                                              self.config.image_max_count)
         except images.BadImage as bad:
             raise refuse(bad.code, str(bad)) from None
-        return {'title': title.strip(), 'content': content, 'article_id': article_id, 'pictures': pictures}
+        try:
+            topics = validate_topics(article.get('topics')) or batch_topics
+        except ValueError as error:
+            raise refuse('invalid_topics', str(error)) from None
+        return {'title': title.strip(), 'content': content, 'article_id': article_id, 'pictures': pictures,
+                'topics': topics}
 
     def _check_articles_owned(self, cur, user_id, rows):
         wanted = {row['article_id'] for row in rows if row['article_id'] is not None}
@@ -327,9 +358,11 @@ class Scheduler:
         """Exponential backoff with +/-20% jitter: base, 2 x base, 4 x base, ..."""
         return self.config.retry_backoff * (2 ** retry_count) * random.uniform(0.8, 1.2)
 
-    def record_success(self, task, url):
-        """Returns the task's new status, or None when the attempt no longer owned the task."""
-        ended = self.db.end_attempt(task['task_id'], task['attempt'], tasks.SUCCESS, 'success', result_url=url)
+    def record_success(self, task, url, note=None):
+        """Returns the task's new status, or None when the attempt no longer owned the task.
+        `note` is what the user should know about the published article."""
+        ended = self.db.end_attempt(task['task_id'], task['attempt'], tasks.SUCCESS, 'success', result_url=url,
+                                    note=note)
         return tasks.SUCCESS if ended else None
 
     def record_cancelled(self, task):
@@ -337,15 +370,16 @@ class Scheduler:
                                     error='cancelled by the user')
         return tasks.CANCELLED if ended else None
 
-    def record_failure(self, task, error, retryable=True, outcome='failed'):
+    def record_failure(self, task, error, retryable=True, outcome='failed', retry_after=0.0):
         """Fail one attempt: queue a retry after backoff while retries are left, else fail the task.
         After an attempt whose outcome is unknown, the retry waits at least
         `unknown_outcome_settle` seconds, so that a publish still in flight has landed on
-        the platform before the retry looks there for it.
+        the platform before the retry looks there for it; a platform that asked for a pause
+        (risk control, throttling) gets at least `retry_after` seconds.
         Returns the task's new status, or None when the attempt no longer owned the task."""
         task_id, attempt = task['task_id'], task['attempt']
         if retryable and task['retry_count'] < task['max_retries']:
-            delay = self.backoff(task['retry_count'])
+            delay = max(self.backoff(task['retry_count']), retry_after)
             if outcome in tasks.UNKNOWN_OUTCOMES:
                 delay = max(delay, self.config.unknown_outcome_settle)
             if not self.db.end_attempt(task_id, attempt, tasks.RETRY, outcome, error=error, retry_in=delay):

@@ -1,5 +1,5 @@
 -- TOP_N schema. MySQL is the source of truth for every task; Redis only carries dispatch.
--- Safe to apply twice: every statement is CREATE ... IF NOT EXISTS.
+-- Safe to apply twice: every statement is CREATE ... IF NOT EXISTS or ADD COLUMN IF NOT EXISTS.
 
 CREATE TABLE IF NOT EXISTS users (
     id            BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -148,3 +148,9 @@ CREATE TABLE IF NOT EXISTS rehosted_pictures (
     PRIMARY KEY (user_id, platform, place, sha256),
     CONSTRAINT fk_rehosted_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+-- Issue 15: what the user asked of the platform and what the platform did beyond the URL.
+-- `topics`: the topic names the user gave for this article (a JSON array), NULL when none
+-- were given. `result_note`: what a published task's user should know (e.g. it went out
+-- without a topic, or was not filed into the column).
+ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS topics JSON NULL;
+ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS result_note VARCHAR(1000) NULL;

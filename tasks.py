@@ -19,4 +19,6 @@ UNKNOWN_OUTCOMES = ('lost', 'timeout', 'unknown')
 NORMAL, URGENT = 'normal', 'urgent'
 PRIORITIES = (NORMAL, URGENT)
 
-EVIDENCE_FILES = ('url.txt', 'page.html', 'screenshot.png')  # in the order a failed attempt saves them
+# In the order a failed attempt saves them; `answer.json` is the platform's own answer to the
+# request that failed, when the publisher has one.
+EVIDENCE_FILES = ('url.txt', 'page.html', 'screenshot.png', 'answer.json')

@@ -6,6 +6,7 @@
     python topn.py submit FILE... --user NAME [--platform P] [--urgent]
     python topn.py status [--user NAME]
     python topn.py account set USER PLATFORM --cookies 'a=1; b=2'   (or --cookies-file FILE)
+    python topn.py account set USER zhihu --cookies '...' [--column c_123]
     python topn.py account set USER wordpress --site URL --username U --password P
     python topn.py account check USER PLATFORM
     python topn.py sandbox                           the local sandbox platform
@@ -334,13 +335,15 @@ def login_fields_from(args, publisher):
         'site': args.site,
         'username': args.username,
         'password': read_file(args.password_file).strip() if args.password_file else args.password,
+        'column': args.column,
     }
     flags = {'cookies': '--cookies "a=1; b=2" (or --cookies-file FILE)', 'site': '--site URL',
              'username': '--username NAME', 'password': '--password PW (or --password-file FILE)'}
-    missing = [flags[name] for name in publisher.login_fields if not given.get(name)]
+    missing = [flags[name] for name in publisher.login_fields
+               if not given.get(name) and name not in publisher.optional_login_fields]
     if missing:
         raise CommandError(f'{publisher.name} needs {", ".join(missing)}')
-    return {name: given[name] for name in publisher.login_fields}
+    return {name: given[name] for name in publisher.login_fields if given.get(name)}
 
 
 def read_file(path):
@@ -479,6 +482,8 @@ def build_parser():
     account.add_argument('--username', help='the user name to log in with (WordPress)')
     account.add_argument('--password', help='the password to log in with (WordPress)')
     account.add_argument('--password-file', help='a file holding that password')
+    account.add_argument('--column', help='the column to file every published article into (Zhihu, optional): '
+                                          'its id or its URL, https://www.zhihu.com/column/c_...')
     account.set_defaults(run=cmd_account)
     commands.add_parser('sandbox', help='serve the local sandbox platform on TOPN_SANDBOX_BIND').set_defaults(
         run=cmd_sandbox)

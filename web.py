@@ -10,6 +10,7 @@ import json
 import bottle
 
 import tasks
+from db import topics_of
 from errors import InvalidRequest
 
 MAX_PAGE_SIZE = 100
@@ -45,6 +46,8 @@ def task_json(row, evidence=()):
         'completed_at': iso8601(row['completed_at']),
         'updated_at': iso8601(row['updated_at']),
         'result_url': row['result_url'],
+        'result_note': row['result_note'],
+        'topics': topics_of(row['topics']),
         'error_message': row['error_message'],
         'retry_count': row['retry_count'],
         'max_retries': row['max_retries'],

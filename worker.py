@@ -126,16 +126,17 @@ class Worker:
             self._save_evidence(attempt)
             self._record(self.scheduler.record_failure, task, str(error), True, 'timeout')
         except PublishError as error:
-            self._save_evidence(attempt)
+            self._save_evidence(attempt, error.answer)
             outcome = 'failed' if error.refused else failed_outcome(attempt)
-            self._record(self.scheduler.record_failure, task, str(error), error.retryable, outcome)
+            self._record(self.scheduler.record_failure, task, str(error), error.retryable, outcome,
+                         error.retry_after)
         except Exception as error:
             log.exception('task %s attempt %s: publisher crashed', task_id, number)
             self._save_evidence(attempt)
             self._record(self.scheduler.record_failure, task, f'{type(error).__name__}: {error}', True,
                          failed_outcome(attempt))
         else:
-            self._record(self.scheduler.record_success, task, url)
+            self._record(self.scheduler.record_success, task, url, '；'.join(attempt.notes) or None)
         finally:
             self._cancel_room(room)
             self._hand_back_driver(attempt, clean)
@@ -182,11 +183,11 @@ class Worker:
     def _local_pictures(self, task_id):
         return {name: images.Picture(name, mime, bytes(data)) for name, mime, data in self.db.task_pictures(task_id)}
 
-    def _save_evidence(self, attempt):
+    def _save_evidence(self, attempt, answer=None):
         if attempt.driver is None:
             return
         folder = pathlib.Path(self.config.evidence_dir) / attempt.task_id / str(attempt.number)
-        files = capture_evidence(attempt.driver, folder)
+        files = capture_evidence(attempt.driver, folder, answer)
         if files:
             try:
                 self.db.record_evidence(attempt.task_id, attempt.number, files)

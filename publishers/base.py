@@ -24,12 +24,17 @@ class PublishError(Exception):
     the platform rejects), so no retries are spent on it. `refused=True` when, although it
     came after the submit click, the platform certainly did not take the article (it said
     no, or we looked and it is not there): the next attempt then need not look first.
+    `retry_after` is the least wait, in seconds, before a retry (a platform's risk control or
+    throttling wants a pause, not the usual quick retry). `answer` is the platform's own
+    answer (JSON text) to the request that failed, kept with the attempt's evidence.
     """
 
-    def __init__(self, message, retryable=True, refused=False):
+    def __init__(self, message, retryable=True, refused=False, retry_after=0.0, answer=None):
         super().__init__(message)
         self.retryable = retryable
         self.refused = refused
+        self.retry_after = retry_after
+        self.answer = answer
 
 
 class BadAccount(ValueError):
@@ -67,6 +72,8 @@ class Attempt:
     `account` (the user's credentials for this platform, e.g. {'cookies': 'a=1; b=2'}).
     `platform_ref` is what an earlier attempt remembered with `remember_platform_ref`
     (e.g. a draft id), so a retry can continue that draft instead of making another.
+    `topics` are the topic names the user gave for the article (None when none were named).
+    A publisher adds `notes` for what the user should know about a published article.
     """
 
     def __init__(self, task, report_progress, timeout, clock=time.monotonic,
@@ -81,6 +88,8 @@ class Attempt:
         self.earlier_attempts = task.get('earlier_attempts', [])
         self.started_at = task.get('started_at')
         self.platform_ref = task.get('platform_ref')
+        self.topics = task.get('topics')
+        self.notes = []
         self.driver = driver
         self.account = account
         self.submitted = False
@@ -147,6 +156,10 @@ class Attempt:
         if self._remember_ref is not None:
             self._remember_ref(ref)
 
+    def note(self, text):
+        """Something the user should know about the published article (shown with its result)."""
+        self.notes.append(text)
+
     def remember_account(self, fields):
         """Store changed login fields of this account (e.g. fresh session cookies), merged
         into what is stored, so the next task starts from them."""
@@ -193,15 +206,18 @@ class Publisher:
     """Base class: `name` is the platform name users pick; `publish` does the work.
 
     Browser publishers set `needs_browser` and implement `check_login(driver, account)`,
-    which answers (ok, detail) without publishing anything. `login_fields` names what a user
-    stores for the platform (cookies, or a site with a user name and password);
-    `required_cookies` the cookies a cookie login must hold. `check_account(fields)` returns
-    the fields to store, or raises BadAccount.
+    which answers (ok, detail) without publishing anything; it may change the fields of
+    `account` in place (session cookies the platform refreshed), and the caller stores what
+    changed. `login_fields` names what a user stores for the platform (cookies, or a site
+    with a user name and password), `optional_login_fields` those of them a user may leave
+    out (a column to file articles into); `required_cookies` the cookies a cookie login must
+    hold. `check_account(fields)` returns the fields to store, or raises BadAccount.
     """
     name = None
     label = None
     needs_browser = False
     login_fields = ('cookies',)
+    optional_login_fields = ()
     required_cookies = ()
 
     @classmethod

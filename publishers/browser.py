@@ -125,18 +125,22 @@ def wait_for(condition, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
-def capture_evidence(driver, folder):
+def capture_evidence(driver, folder, answer=None):
     """Save what the browser showed when an attempt failed: a screenshot, the page HTML and
-    the URL. Returns the file names saved; a browser too broken to answer saves fewer."""
+    the URL, and the platform's answer (JSON text) when there is one. Returns the file names
+    saved; a browser too broken to answer saves fewer."""
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     savers = {
         'url.txt': lambda path: path.write_text(driver.current_url + '\n', encoding='utf-8'),
         'page.html': lambda path: path.write_text(driver.page_source, encoding='utf-8'),
         'screenshot.png': lambda path: driver.save_screenshot(str(path)),
+        'answer.json': lambda path: path.write_text(answer, encoding='utf-8'),
     }
     for name in EVIDENCE_FILES:
         save = savers[name]
+        if name == 'answer.json' and answer is None:
+            continue
         try:
             save(folder / name)
             saved.append(name)

@@ -1,33 +1,51 @@
 """Zhihu (知乎) column articles, published through the logged-in page's own API calls.
 
 Zhihu has no publishing API, but its editor talks JSON to endpoints that take the session
-cookies plus an `x-xsrftoken` header. The most complete public tools (zhihu_obsidian,
-Wechatsync) call those endpoints directly; we do the same from inside a real browser
-page, so the requests carry the browser's own cookies and fingerprint, and no editor
-selector can break under us (selectors breaking is the top complaint about DOM tools).
+cookies. The most complete public tools (zhihu_obsidian, Wechatsync) call those endpoints
+directly; we do the same from inside a real browser page, so the requests carry the
+browser's own cookies and fingerprint, and no editor selector can break under us (selectors
+breaking is the top complaint about DOM tools).
+
+Fresh cookies: `__zse_ck` expires on a schedule and only Zhihu's own page script renews it
+(a challenge page's script sets it and reloads). So before anything else a real Zhihu page
+is opened, the page zhihu_obsidian opens for the same reason, and given time to settle;
+cookies its script changed are stored back (encrypted), so the next task starts from them.
 
 Exactly once: Zhihu publishes a draft under the draft's own id, so the draft id is
 remembered (persisted) the moment it exists and before anything is published. A later
 attempt that holds it first looks at `/p/<id>`: published means done, otherwise it
 continues the same draft. Publishing one draft id again cannot make a second article.
 Without a remembered id nothing of ours can be out: the id is persisted before the publish
-request, and a failed persist stops the attempt. Success is claimed only after the article
-page itself says `published`; a lost publish answer is settled by looking at that page.
+request, and a failed persist stops the attempt.
 
-Every endpoint, JSON path and page marker lives in ENDPOINTS / ANSWERS below.
+Verified as a reader: success is claimed only once `/p/<id>`, read without the account's
+cookies, shows in its js-initialData the article published, visible, normal, by this
+account and at its URL (the checks of Wechatsync's publication-inspection/zhihu.ts); a
+page titled 「你似乎来到了没有知识存在的荒原」 is a not-found page even when it answers 200.
+The URL is built from the draft id, so a publish answer without one (since 2025-09) is fine.
+
+Topics are optional (the real editor publishes with `topics: []`): the user's named topics,
+else the first suggestion for the title or one of its words, else none, said in the task's
+result. Every refusal has a kind in REFUSALS, with its own words and retry rule; an expired
+login is only what /api/v4/me says it is. Endpoints, JSON paths and page markers live in
+ENDPOINTS / ANSWERS below.
 """
 
+import collections
+import functools
 import html
 import json
+import logging
 import re
 import time
 import uuid
 from urllib.parse import quote, urlsplit
 
+import jieba
 from selenium.common.exceptions import WebDriverException
 
-from publishers.base import LoginExpired, Publisher, PublishError
 from content import text_content
+from publishers.base import BadAccount, LoginExpired, Publisher, PublishError
 
 # -- what we rely on at Zhihu (one place: a platform change is a one-line fix here) ----------
 
@@ -35,6 +53,7 @@ ENDPOINTS = {
     # (origin, path). Calls run from a page of the endpoint's own origin, so no CORS is needed;
     # 'landing' is any light page of an origin, just to stand on it.
     'landing': '/robots.txt',
+    'refresh_page': ('www', '/question/19550225'),   # a real page, whose script renews __zse_ck
     'me': ('www', '/api/v4/me'),
     'create_draft': ('zhuanlan', '/api/articles/drafts'),
     'draft': ('zhuanlan', '/api/articles/{id}/draft'),
@@ -42,6 +61,7 @@ ENDPOINTS = {
     'add_topic': ('zhuanlan', '/api/articles/{id}/topics'),
     'publish': ('www', '/api/v4/content/publish'),
     'article_page': ('zhuanlan', '/p/{id}'),
+    'column_items': ('www', '/api/v4/columns/{column}/items'),
 }
 
 ANSWERS = {
@@ -49,39 +69,91 @@ ANSWERS = {
     'user_name': ('name',),
     'draft_id': (('id',), ('article_id',)),    # draft creation, first path that answers wins
     'published': ((('message',), 'success'), (('code',), 0)),   # publish answer, either one
+    'error_code': (('error', 'code'), ('code',)),
     'error_message': (('error', 'message'), ('message',)),
-    'initial_data': 'js-initialData',          # <script id=...> on /p/<id>
-    'article_state': ('initialState', 'entities', 'articles', '{id}', 'state'),
-    'published_state': 'published',
+    'topic_name': ('name',),
+    'initial_data': 'js-initialData',          # <script id=...> on /p/<id> and other pages
+    'article': ('initialState', 'entities', 'articles', '{id}'),
+    'author_id': ('author', 'id'),
+    'article_url': ('url',),
+    # What a public article says of itself, field by field (Wechatsync's checker).
+    'public_article': (('type', 'article'), ('articleType', 'normal'), ('state', 'published'),
+                       ('status', 0), ('isVisible', True), ('isNormal', True)),
+    'not_found_title': '你似乎来到了没有知识存在的荒原',  # HTTP 200 "soft 404"
     'signin_path': '/signin',
 }
 
-TITLE_MAX_CHARS = 100          # the editor's placeholder: "请输入标题（最多 100 个字）"
+SIGNATURE_CODES = (10003,)     # 请求参数异常，请升级客户端后重试: the call wanted the editor's x-zse-96 signature
+SIGNATURE_WORDS = ('请求参数异常', '升级客户端')
 THROTTLED_WORDS = ('频繁', '过快', 'too many')
 CAPTCHA_WORDS = ('验证码', 'captcha', '安全验证')
+REVIEW_WORDS = ('审核', 'review')
+# Words that split out of titles but name no topic; digits-only words are skipped too.
+TOPIC_STOP_WORDS = frozenset(('为什么', '什么', '怎么', '怎样', '如何', '哪些', '哪个', '我们', '你们', '他们',
+                              '自己', '一个', '一些', '这个', '那个', '这些', '那些', '可以', '没有', '还是',
+                              '就是', '以及', '关于', '今天', '现在', '真的'))
+
+# Why Zhihu said no: (what the user reads, the English for the log, retry?, after a pause?).
+# A pause is the account's TOPN_ZHIHU_PAUSE, doubled for each attempt already made.
+REFUSALS = {
+    'risk_control': ('知乎的风控拦下了这次请求（{detail}）。这不是登录失效，不用重新粘贴 Cookie；已暂停，{pause}后自动重试。'
+                     '若反复出现，请在浏览器中打开知乎确认账号正常，并降低发布频率',
+                     'Zhihu risk control refused {endpoint}; not an expired login; retrying after a pause',
+                     True, True),
+    'signature': ('知乎要求这次请求带上网页编辑器的签名（{detail}），公开的发布工具都不计算这个签名，这通常是风控临时收紧。'
+                  '这不是登录失效；已暂停，{pause}后自动重试',
+                  'Zhihu refused {endpoint} for want of a request signature; not an expired login; retrying '
+                  'after a pause', True, True),
+    'challenge': ('知乎打开的是验证页面，页面脚本没能通过验证（{detail}）：已暂停，{pause}后自动重试',
+                  'Zhihu answered {endpoint} with a challenge page that did not clear; retrying after a pause',
+                  True, True),
+    'captcha': ('知乎要求人工验证（{detail}）：请在浏览器中登录知乎完成验证，然后在任务页点“重试”。'
+                '自动发布已停止，以免账号被限制',
+                'Zhihu asks for a captcha on {endpoint}; a person must solve it', False, False),
+    'throttled': ('知乎限流：这个账号操作过于频繁（{detail}），已暂停，{pause}后自动重试；请降低发布频率',
+                  'Zhihu is throttling this account on {endpoint}; retrying after a pause', True, True),
+    'refused': ('知乎拒绝了这次请求（{detail}）：请按提示修改后重新提交',
+                'Zhihu refused {endpoint}', False, False),
+}
+
+TITLE_MAX_CHARS = 100          # the editor's placeholder: "请输入标题（最多 100 个字）"
 REQUEST_SECONDS = 20.0
 PAGE_SECONDS = 30.0
+REFRESH_SECONDS = 15.0         # how long a real page gets for its script to renew __zse_ck
 VERIFY_SECONDS = 30.0          # public tools see /p/<digits> within ~30 s of publishing
 RECHECK_SECONDS = 10.0         # after an unknown outcome, how long /p/<id> may lag
 POLL_SECONDS = 1.0
-TOPIC_QUERIES = 5
+PAGE_POLL_SECONDS = 0.25
+TOPIC_QUERIES = 6
 
+# One request from the page. JSON calls return the answer's text; a page (`asPage`) comes
+# back as its title, its js-initialData text and a little of its visible text. Anonymous
+# reads send no cookies at all (credentials 'omit'), as a reader without an account.
 FETCH_JS = """
-const [method, url, headers, body, timeoutMs, scriptId, done] = arguments;
+const [method, url, headers, body, timeoutMs, asPage, dataId, credentials, done] = arguments;
 const abort = new AbortController();
 const timer = setTimeout(() => abort.abort(), timeoutMs);
-fetch(url, {method, headers, body: body === null ? undefined : body, credentials: 'include',
-            cache: 'no-store', signal: abort.signal})
+fetch(url, {method, headers, body: body === null ? undefined : body, credentials, cache: 'no-store',
+            signal: abort.signal})
   .then(async response => {
-    let text = await response.text();
-    if (scriptId !== null) {
-      const node = new DOMParser().parseFromString(text, 'text/html').getElementById(scriptId);
-      text = node === null ? null : node.textContent;
-    }
-    done({status: response.status, url: response.url, text});
+    const text = await response.text();
+    if (!asPage) return done({status: response.status, url: response.url, text});
+    const page = new DOMParser().parseFromString(text, 'text/html');
+    const data = page.getElementById(dataId);
+    page.querySelectorAll('script, style').forEach(node => node.remove());
+    done({status: response.status, url: response.url, title: page.title,
+          initialData: data === null ? null : data.textContent,
+          text: page.body ? page.body.textContent.replace(/\\s+/g, ' ').trim().slice(0, 500) : ''});
   })
   .catch(error => done({status: 0, url, text: String(error)}))
   .finally(() => clearTimeout(timer));
+"""
+
+# The page the browser is on, as far as the cookie refresh needs to know.
+PAGE_STATE_JS = """
+const text = document.body ? document.body.innerText.slice(0, 300) : '';
+return {url: location.href, title: document.title, text,
+        initialData: document.getElementById(arguments[0]) !== null};
 """
 
 
@@ -89,21 +161,53 @@ class PublishAnswerLost(Exception):
     """The publish request went out but its answer did not come back: look before deciding."""
 
 
+class ZhihuRefused(PublishError):
+    """Zhihu said no. `kind` (a key of REFUSALS) names why, so callers need not read words."""
+
+    def __init__(self, kind, endpoint, detail, pause=0.0, answer=None):
+        words, english, retryable, pauses = REFUSALS[kind]
+        pause = pause if pauses else 0.0
+        super().__init__(f'{words.format(detail=detail, pause=duration(pause))} '
+                         f'({english.format(endpoint=endpoint)}: {detail})',
+                         retryable=retryable, refused=True, retry_after=pause, answer=answer)
+        self.kind = kind
+
+
+class ArticleNotPublic(PublishError):
+    """Zhihu took the article but a reader does not see it published: under review
+    (retried after a pause, to look again, never to publish again) or hidden (not retried)."""
+
+    def __init__(self, message, under_review, pause=0.0):
+        super().__init__(message, retryable=under_review, retry_after=pause if under_review else 0.0)
+        self.under_review = under_review
+
+
+Verdict = collections.namedtuple('Verdict', 'kind detail')   # kind: published, missing, under_review, hidden
+
+
 class ZhihuPublisher(Publisher):
     name = 'zhihu'
     label = '知乎'
     needs_browser = True
+    login_fields = ('cookies', 'column')
+    optional_login_fields = ('column',)
     required_cookies = ('z_c0', 'd_c0', '_xsrf', '__zse_ck')
 
-    def __init__(self, zhuanlan_url='https://zhuanlan.zhihu.com', www_url='https://www.zhihu.com'):
+    def __init__(self, zhuanlan_url='https://zhuanlan.zhihu.com', www_url='https://www.zhihu.com', pause=300.0):
         self.origins = {'zhuanlan': zhuanlan_url.rstrip('/'), 'www': www_url.rstrip('/')}
+        self.pause = pause
 
     @classmethod
     def from_config(cls, config):
-        return cls(zhuanlan_url=config.zhihu_url, www_url=config.zhihu_www_url)
+        return cls(zhuanlan_url=config.zhihu_url, www_url=config.zhihu_www_url, pause=config.zhihu_pause)
 
     def article_url(self, article_id):
         return self.origins['zhuanlan'] + ENDPOINTS['article_page'][1].format(id=article_id)
+
+    def check_account(self, fields):
+        if 'column' in fields:
+            fields = {**fields, 'column': column_id(fields['column'])}
+        return fields
 
     def publish(self, attempt):
         title = checked_title(attempt.title)
@@ -111,22 +215,28 @@ class ZhihuPublisher(Publisher):
         if not text_content(body).strip() and '<img' not in body:
             raise PublishError('正文为空，知乎不会发布空文章：请补充正文后重新提交 '
                                '(the article body is empty)', retryable=False)
-        session = ZhihuSession(attempt.driver, self.origins, attempt.account, lambda: attempt.seconds_left)
+        pause = self.pause * 2 ** max(0, attempt.number - 1)
+        session = ZhihuSession(attempt.driver, self.origins, attempt.account, lambda: attempt.seconds_left, pause)
         session.log_in()
+        if session.refreshed_cookies:
+            attempt.remember_account({'cookies': session.refreshed_cookies})
         attempt.progress(30)
 
         article_id = remembered_draft_id(attempt)
-        if article_id and session.is_published(article_id, wait=RECHECK_SECONDS if attempt.outcome_unknown else 0):
-            attempt.mark_submitted()
-            attempt.progress(100)
-            return self.article_url(article_id)
-        if article_id and not session.draft_exists(article_id):
-            article_id = None
+        if article_id:
+            verdict = session.verify(article_id, wait=RECHECK_SECONDS if attempt.outcome_unknown else 0)
+            if verdict.kind == 'published':
+                attempt.mark_submitted()
+                return self._published(attempt, session, article_id)
+            if verdict.kind != 'missing':
+                raise self.not_public(article_id, verdict, session.pause)
+            if not session.draft_exists(article_id):
+                article_id = None
         if article_id is None:
             article_id = session.create_draft(title)
             attempt.remember_platform_ref(article_id)
         session.save_draft(article_id, title, body)
-        session.add_topic(article_id, title)
+        attach_topics(attempt, session, article_id, title)
         attempt.progress(60)
 
         attempt.mark_submitted()
@@ -137,52 +247,141 @@ class ZhihuPublisher(Publisher):
         else:
             lost_reason = None
         attempt.progress(85)
-        if not session.is_published(article_id, wait=VERIFY_SECONDS):
+        verdict = session.verify(article_id, wait=VERIFY_SECONDS)
+        if verdict.kind == 'missing':
             url = self.article_url(article_id)
             if lost_reason:
-                raise PublishError(f'知乎的发布应答丢失（{lost_reason}），且 {url} 尚未显示为已发布：'
+                raise PublishError(f'知乎的发布应答丢失（{lost_reason}），且读者在 {url} 还看不到这篇文章（{verdict.detail}）：'
                                    '下次尝试会先核对这篇文章，不会重复发文 '
-                                   '(publish answer lost and the article is not published yet; the retry checks first)')
-            raise PublishError(f'知乎回答发布成功，但 {url} 在 {VERIFY_SECONDS:.0f} 秒内仍未显示为已发布（可能在审核中）：'
+                                   '(publish answer lost and the article is not public yet; the retry checks first)')
+            raise PublishError(f'知乎回答发布成功，但读者在 {VERIFY_SECONDS:.0f} 秒内仍看不到 {url}（{verdict.detail}）：'
                                '下次尝试会先核对这篇文章，不会重复发文 '
-                               '(Zhihu accepted the publish but the article page does not show it published yet)')
+                               '(Zhihu accepted the publish but a reader does not see the article yet)')
+        if verdict.kind != 'published':
+            raise self.not_public(article_id, verdict, session.pause)
+        return self._published(attempt, session, article_id)
+
+    def not_public(self, article_id, verdict, pause):
+        """What to say of an article Zhihu holds that a reader does not see published."""
+        url = self.article_url(article_id)
+        if verdict.kind == 'under_review':
+            return ArticleNotPublic(f'知乎正在审核这篇文章（知乎的原话：「{verdict.detail}」），审核通过后才会在 {url} 公开：'
+                                    f'{duration(pause)}后再去核对，不会重复发文 '
+                                    f'(the article is under review at Zhihu: {verdict.detail})',
+                                    under_review=True, pause=pause)
+        return ArticleNotPublic(f'知乎收下了这篇文章，但读者看不到它（{verdict.detail}），例如只有作者自己可见：'
+                                f'请在知乎打开 {url} 查看原因 (Zhihu holds the article but a reader does not see it '
+                                f'published: {verdict.detail})', under_review=False)
+
+    def _published(self, attempt, session, article_id):
+        """The URL of an article a reader sees published, once it is filed into the account's
+        column (if it has one; a column that refuses is said in the task's note)."""
+        url = self.article_url(article_id)
+        column = (attempt.account or {}).get('column')
+        if column:
+            try:
+                session.file_into_column(column, article_id)
+                attempt.note(f'已收入专栏 {column} (filed into column {column})')
+            except PublishError as error:
+                attempt.note(f'文章已发布，但没能收入专栏 {column}：{error}')
         attempt.progress(100)
-        return self.article_url(article_id)
+        return url
 
     def check_login(self, driver, account):
-        """(True, who) when the stored cookies log in, (False, why) when Zhihu says they do not.
-        When Zhihu cannot be asked (network, 5xx, throttling) it raises PublishError: unknown
-        is neither answer."""
+        """(True, who) when the stored cookies log in, (False, why) when Zhihu says they do
+        not; cookies Zhihu's page refreshed on the way are put into `account` (the caller
+        stores them). When Zhihu cannot be asked (network, 5xx, throttling) it raises
+        PublishError: unknown is neither answer."""
+        session = ZhihuSession(driver, self.origins, account, lambda: REQUEST_SECONDS + REFRESH_SECONDS, self.pause)
         try:
-            me = ZhihuSession(driver, self.origins, account, lambda: REQUEST_SECONDS).log_in()
+            me = session.log_in()
         except LoginExpired as error:
             return False, str(error)
-        return True, f'已登录知乎：{dig(me, ANSWERS["user_name"]) or dig(me, ANSWERS["user_id"])} (logged in)'
+        who = dig(me, ANSWERS['user_name']) or dig(me, ANSWERS['user_id'])
+        if session.refreshed_cookies:
+            account['cookies'] = [tuple(pair) for pair in session.refreshed_cookies]
+            return True, f'已登录知乎：{who}；知乎页面刷新了 Cookie，已保存 (logged in; Zhihu refreshed the cookies)'
+        return True, f'已登录知乎：{who} (logged in)'
 
 
 class ZhihuSession:
     """One browser's conversation with Zhihu for one account: cookies in, JSON calls out."""
 
-    def __init__(self, driver, origins, account, seconds_left):
+    def __init__(self, driver, origins, account, seconds_left, pause=0.0):
         self.driver = driver
         self.origins = origins
         self.cookies = dict((account or {}).get('cookies', ()))
+        self.stored_cookies = dict(self.cookies)
         self.seconds_left = seconds_left
+        self.pause = pause
+        self.author_id = None
+
+    @property
+    def refreshed_cookies(self):
+        """The session's cookies as [[name, value]] when Zhihu's page changed any, else None."""
+        if self.cookies == self.stored_cookies:
+            return None
+        return [[name, value] for name, value in self.cookies.items()]
 
     # -- login -------------------------------------------------------------------------
 
     def log_in(self):
-        """Put the account's cookies into the browser and ask Zhihu who we are."""
+        """Put the account's cookies into the browser, let a real page refresh them, and ask
+        Zhihu who we are. Only /api/v4/me decides that a login has expired."""
         missing = [name for name in ZhihuPublisher.required_cookies if not self.cookies.get(name)]
         if missing:
             raise LoginExpired(f'知乎 Cookie 不完整，缺少 {", ".join(missing)}：请在已登录知乎的浏览器中复制完整 Cookie，'
                                f'在账号页更新 (the stored Zhihu login lacks {", ".join(missing)})')
         self._import_cookies()
-        status, me = self.call('me')
+        self.refresh_cookies()
+        me = self.who_am_i()
+        if me is None:
+            raise LoginExpired('知乎登录已失效：请在已登录知乎的浏览器中复制 Cookie，在账号页更新 '
+                               '(the stored Zhihu cookies no longer log in)')
+        self.author_id = str(dig(me, ANSWERS['user_id']))
+        return me
+
+    def who_am_i(self):
+        """/api/v4/me's answer when the session is logged in, None when Zhihu says it is not."""
+        status, me = self.call('me', allow=(401,))
         if status == 200 and isinstance(me, dict) and dig(me, ANSWERS['user_id']):
             return me
-        raise LoginExpired('知乎登录已失效：请在已登录知乎的浏览器中复制 Cookie，在账号页更新 '
-                           '(the stored Zhihu cookies no longer log in)')
+        return None
+
+    def refresh_cookies(self):
+        """Open a real Zhihu page and give its own script the time to renew `__zse_ck` (on a
+        challenge page the script sets it and reloads); then take the new values of the
+        login's cookies from the browser. A page that stays a challenge is a refusal of its own kind."""
+        url = self.origins['www'] + ENDPOINTS['refresh_page'][1]
+        self.driver.set_page_load_timeout(self._time_for(PAGE_SECONDS))
+        try:
+            self.driver.get(url)
+        except WebDriverException as error:
+            raise PublishError(f'浏览器打不开 {url}，稍后自动重试 (the browser could not open {url}: '
+                               f'{error.msg})') from error
+        deadline = time.monotonic() + self._time_for(REFRESH_SECONDS)
+        page = None
+        while True:
+            page = self._page_state() or page
+            if page and (page['initialData'] or ANSWERS['signin_path'] in urlsplit(page['url']).path):
+                break
+            if time.monotonic() > deadline:
+                seen = f'「{page["title"]}」{page["text"][:80]}' if page else 'the page never loaded'
+                kind = 'captcha' if page and has_words((page['title'] + page['text']).lower(), CAPTCHA_WORDS) \
+                    else 'challenge'
+                raise ZhihuRefused(kind, 'refresh_page', seen, self.pause)
+            time.sleep(PAGE_POLL_SECONDS)
+        browser = {cookie['name']: cookie['value'] for cookie in self.driver.get_cookies()}
+        changed = {name: value for name, value in browser.items() if self.cookies.get(name) not in (None, value)}
+        if changed:
+            self.cookies.update(changed)
+            self._import_cookies()
+
+    def _page_state(self):
+        try:
+            return self.driver.execute_script(PAGE_STATE_JS, ANSWERS['initial_data'])
+        except WebDriverException:
+            return None   # the page is reloading under its own script
 
     def _import_cookies(self):
         """Cookies for the parent domain both origins share (.zhihu.com), set from one page
@@ -206,7 +405,8 @@ class ZhihuSession:
             draft_id = dig(answer, path) if isinstance(answer, dict) else None
             if draft_id is not None and re.fullmatch(r'\d+', str(draft_id)):
                 return str(draft_id)
-        raise PublishError('知乎创建草稿后没有返回草稿编号，稍后重试 (no draft id in Zhihu\'s answer)')
+        raise PublishError('知乎创建草稿后没有返回草稿编号，稍后重试 (no draft id in Zhihu\'s answer)',
+                           answer=json.dumps(answer, ensure_ascii=False))
 
     def draft_exists(self, draft_id):
         status, _ = self.call('draft', id=draft_id, allow=(404,))
@@ -220,94 +420,96 @@ class ZhihuSession:
             raise PublishError('知乎草稿保存后读回的标题或正文不一致，未发布，稍后重试 '
                                '(the saved draft did not read back with our title and body)')
 
-    def add_topic(self, draft_id, title):
-        """Attach the first topic Zhihu suggests for the title (or, failing that, its words):
-        without a topic Zhihu usually refuses the article."""
-        for query in topic_queries(title):
-            _, found = self.call('topic_search', token=quote(query, safe=''))
-            if isinstance(found, list) and found and isinstance(found[0], dict):
-                self.call('add_topic', id=draft_id, method='POST', body=found[0])
-                return found[0]
-        raise PublishError(f'知乎没有找到与标题「{title}」相关的话题，而没有话题的文章通常无法发布：'
-                           '请在标题中写明主题词（如“Python”“机器学习”）后重新提交 '
-                           '(no Zhihu topic matches the title; an article without a topic is usually refused)',
-                           retryable=False)
+    def find_topic(self, query):
+        """Zhihu's best suggestion for `query` whose name and the query contain one another
+        (an exact name first), or None."""
+        _, found = self.call('topic_search', token=quote(query, safe=''))
+        suggestions = [topic for topic in found if isinstance(topic, dict)] if isinstance(found, list) else []
+        return matching_topic(query, suggestions)
+
+    def add_topic(self, draft_id, topic):
+        self.call('add_topic', id=draft_id, method='POST', body=topic)
 
     def publish(self, draft_id):
-        """Ask Zhihu to publish the draft. Raises PublishAnswerLost when the answer is lost."""
+        """Ask Zhihu to publish the draft. Raises PublishAnswerLost when the answer is lost or
+        says neither yes nor no: the article page then decides."""
         status, answer = self.call('publish', method='POST', body=publish_request(draft_id))
-        if not isinstance(answer, dict):
-            raise PublishAnswerLost(f'HTTP {status}, unreadable answer')
-        if any(dig(answer, path) == value for path, value in ANSWERS['published']):
-            return answer
-        message = error_message(answer) or json.dumps(answer, ensure_ascii=False)[:200]
-        if any(word in message.lower() for word in THROTTLED_WORDS):
-            raise throttled(message)
-        raise PublishError(f'知乎拒绝发布这篇文章：{message}。请按提示修改后重新提交 '
-                           f'(Zhihu refused to publish: {message})', retryable=False)
+        if not isinstance(answer, dict) or not any(dig(answer, path) == value for path, value in ANSWERS['published']):
+            raise PublishAnswerLost(f'HTTP {status}, an answer we do not understand')
+        return answer
 
-    def is_published(self, article_id, wait=0.0):
-        """True once /p/<id> says the article is published; polls up to `wait` seconds."""
+    def verify(self, article_id, wait=0.0):
+        """What a reader without an account sees at /p/<id>, looking again for up to `wait`
+        seconds while the article is not there yet (a fresh article's page may lag)."""
         deadline = time.monotonic() + min(wait, max(0.0, self.seconds_left() - 2))
         while True:
-            status, data = self.call('article_page', id=article_id, script_id=ANSWERS['initial_data'],
-                                     allow=(404,))
-            path = [part.format(id=article_id) for part in ANSWERS['article_state']]
-            if status == 200 and isinstance(data, dict) and dig(data, path) == ANSWERS['published_state']:
-                return True
-            if time.monotonic() + POLL_SECONDS > deadline:
-                return False
+            verdict = self.reader_verdict(article_id)
+            if verdict.kind != 'missing' or time.monotonic() + POLL_SECONDS > deadline:
+                return verdict
             time.sleep(POLL_SECONDS)
+
+    def reader_verdict(self, article_id):
+        origin = self.origins['zhuanlan']
+        url = origin + ENDPOINTS['article_page'][1].format(id=article_id)
+        page = self._fetch(origin, url, 'article_page', as_page=True, anonymous=True)
+        return reader_verdict(page, article_id, self.author_id, url)
+
+    def file_into_column(self, column, article_id):
+        self.call('column_items', column=quote(column, safe=''), method='POST',
+                  body={'type': 'article', 'id': article_id})
 
     # -- the one way we talk to Zhihu --------------------------------------------------
 
-    def call(self, endpoint, method='GET', body=None, allow=(), script_id=None, **params):
-        """One request from a page of the endpoint's own origin. Returns (status, decoded JSON)
-        for 2xx and for statuses in `allow`; raises with a user-readable message otherwise."""
+    def call(self, endpoint, method='GET', body=None, allow=(), **params):
+        """One JSON request with the session's cookies, from a page of the endpoint's own
+        origin. Returns (status, decoded JSON) for statuses in `allow` and for 2xx answers
+        that are not refusals (HTTP 200 with a non-zero `code` is one); raises saying what
+        happened otherwise."""
         origin_name, path = ENDPOINTS[endpoint]
         origin = self.origins[origin_name]
-        url = origin + path.format(**params)
-        self._stand_on(origin)
-        headers = {} if script_id else {'x-requested-with': 'fetch'}
+        headers = {'x-requested-with': 'fetch'}
         if method != 'GET':
-            headers.update({'x-xsrftoken': self.cookies['_xsrf'], 'content-type': 'application/json'})
+            headers.update({'x-xsrftoken': self.cookies.get('_xsrf', ''), 'content-type': 'application/json'})
+        payload = None if body is None else json.dumps(body, ensure_ascii=False)
+        answer = self._fetch(origin, origin + path.format(**params), endpoint, method, headers, payload)
+        status, text = answer['status'], answer['text']
+        data = decode_json(text)
+        if status in allow or (200 <= status < 300 and not refused_with_200(data)):
+            return status, data
+        raise self._failure(endpoint, status, data, text)
+
+    def _fetch(self, origin, url, endpoint, method='GET', headers=None, payload=None, as_page=False,
+               anonymous=False):
+        self._stand_on(origin)
         timeout = self._time_for(REQUEST_SECONDS)
         self.driver.set_script_timeout(timeout + 5)
-        payload = None if body is None else json.dumps(body, ensure_ascii=False)
         try:
-            answer = self.driver.execute_async_script(FETCH_JS, method, url, headers, payload,
-                                                      int(timeout * 1000), script_id)
+            answer = self.driver.execute_async_script(
+                FETCH_JS, method, url, headers or {}, payload, int(timeout * 1000), as_page, ANSWERS['initial_data'],
+                'omit' if anonymous else 'include')
         except WebDriverException as error:
-            raise self._failure(endpoint, 0, f'browser: {error.msg}') from error
-        status, text = answer['status'], answer['text']
+            raise self._failure(endpoint, 0, None, f'browser: {error.msg}') from error
         if ANSWERS['signin_path'] in urlsplit(answer['url'] or '').path:
-            status = 401
-        data = decode_json(text)
-        if 200 <= status < 300 or status in allow:
-            return status, data
-        raise self._failure(endpoint, status, error_message(data) or (text or '')[:200])
+            answer['status'] = 401
+        return answer
 
-    def _failure(self, endpoint, status, detail):
+    def _failure(self, endpoint, status, data, text):
+        """The exception for an answer that is not what we asked for."""
+        detail = answer_summary(status, data, text)
+        evidence = text if data is not None else None
         lost = status == 0 or status >= 500
         if endpoint == 'publish' and lost:
-            return PublishAnswerLost(f'HTTP {status}: {detail}' if status else detail)
+            return PublishAnswerLost(detail)
         if status == 401:
+            if endpoint != 'me' and self.who_am_i() is not None:
+                return ZhihuRefused('risk_control', endpoint, detail, self.pause, evidence)
             return LoginExpired('知乎登录已失效：请在已登录知乎的浏览器中复制 Cookie，在账号页更新 '
                                 f'(Zhihu answered 401 to {endpoint}: the cookies no longer log in)')
-        if status == 429 or any(word in detail.lower() for word in THROTTLED_WORDS):
-            return throttled(detail)
-        if any(word in detail.lower() for word in CAPTCHA_WORDS):
-            return PublishError(f'知乎要求人工验证：请在浏览器中登录知乎完成验证后再发布，自动发布已停止以免账号被限制 '
-                                f'(Zhihu asks for a captcha on {endpoint}: {detail})', retryable=False)
-        if status == 403:
-            return LoginExpired(f'知乎拒绝了请求（HTTP 403：{detail}）：Cookie 可能已过期或不完整（需要 z_c0、d_c0、_xsrf、'
-                                '__zse_ck），也可能触发了风控。请在浏览器中登录知乎确认账号正常，再在账号页更新 Cookie '
-                                f'(Zhihu answered 403 to {endpoint})')
-        if lost:
-            return PublishError(f'暂时连不上知乎（{endpoint}：HTTP {status} {detail}），稍后自动重试 '
-                                f'(Zhihu could not be reached: {detail})')
-        return PublishError(f'知乎拒绝了请求（{endpoint}：HTTP {status}，{detail}）：请按提示修改后重新提交 '
-                            f'(Zhihu refused {endpoint} with HTTP {status})', retryable=False)
+        kind = refusal_kind(status, data, text)
+        if kind is None and lost:
+            return PublishError(f'暂时连不上知乎（{endpoint}：{detail}），稍后自动重试 '
+                                f'(Zhihu could not be reached: {detail})', answer=evidence)
+        return ZhihuRefused(kind or 'refused', endpoint, detail, self.pause, evidence)
 
     def _stand_on(self, origin):
         """Be on a page of `origin`, so calls to it are same-origin and carry its cookies."""
@@ -329,6 +531,160 @@ class ZhihuSession:
 
     def _time_for(self, most):
         return max(1.0, min(most, self.seconds_left()))
+
+
+# -- what we decide from Zhihu's answers ------------------------------------------------------
+
+def refused_with_200(data):
+    """A 2xx answer that is a refusal all the same: a non-zero `code`, or an `error` object."""
+    if not isinstance(data, dict):
+        return False
+    code = data.get('code')
+    return isinstance(data.get('error'), dict) or (code not in (None, 0, '0') and data.get('message') != 'success')
+
+
+def refusal_kind(status, data, text):
+    """The REFUSALS kind of a refusal we recognise, or None."""
+    words = (error_message(data) or text or '').lower()
+    if status == 429 or has_words(words, THROTTLED_WORDS):
+        return 'throttled'
+    if has_words(words, CAPTCHA_WORDS):
+        return 'captcha'
+    if error_code(data) in SIGNATURE_CODES or has_words(words, SIGNATURE_WORDS):
+        return 'signature'
+    if status == 403:
+        return 'risk_control'
+    return None
+
+
+def reader_verdict(page, article_id, author_id, expected_url):
+    """What /p/<id>, read without cookies (`page` from FETCH_JS), says of our article."""
+    status, title = page['status'], page.get('title') or ''
+    if status == 0:
+        return Verdict('missing', f'unreachable: {page.get("text", "")[:120]}')
+    if status in (404, 410) or ANSWERS['not_found_title'] in title:
+        return Verdict('missing', f'HTTP {status}「{title}」')
+    path = [part.format(id=article_id) for part in ANSWERS['article']]
+    article = dig(decode_json(page.get('initialData')), path)
+    if not isinstance(article, dict):
+        words = review_words([title, page.get('text') or ''])
+        if words:
+            return Verdict('under_review', words)
+        return Verdict('missing', f'HTTP {status}, no article data「{title}」')
+    if author_id is not None and str(dig(article, ANSWERS['author_id'])) != author_id:
+        return Verdict('hidden', f'the page names another author ({dig(article, ANSWERS["author_id"])})')
+    differing = [f'{name}={article.get(name)!r}' for name, value in ANSWERS['public_article']
+                 if article.get(name) != value]
+    if not same_url(dig(article, ANSWERS['article_url']), expected_url):
+        differing.append(f'url={dig(article, ANSWERS["article_url"])!r}')
+    if not differing:
+        return Verdict('published', '')
+    words = review_words(strings_of({key: value for key, value in article.items()
+                                     if key not in ('title', 'content', 'excerpt')}))
+    if words:
+        return Verdict('under_review', words)
+    return Verdict('hidden', ', '.join(differing))
+
+
+def review_words(texts):
+    """The texts that speak of a review (审核, review), joined; '' when none does."""
+    found = [text.strip() for text in texts if has_words(text.lower(), REVIEW_WORDS)]
+    return ' / '.join(dict.fromkeys(found))[:200]
+
+
+def strings_of(value):
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in strings_of(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in strings_of(item)]
+    return []
+
+
+def same_url(url, expected):
+    """The same page, whatever the scheme: Zhihu writes its own URLs as http or https."""
+    if not isinstance(url, str):
+        return False
+    found, wanted = urlsplit(url), urlsplit(expected)
+    return (found.netloc, found.path.rstrip('/')) == (wanted.netloc, wanted.path.rstrip('/'))
+
+
+def answer_summary(status, data, text):
+    """HTTP status, Zhihu's code and its message, short enough for an error message."""
+    parts = [f'HTTP {status}' if status else 'no answer']
+    code = error_code(data)
+    if code not in (None, 0):
+        parts.append(f'code {code}')
+    message = error_message(data) or (text or '')[:120].strip()
+    if message:
+        parts.append(message)
+    return '，'.join(parts)
+
+
+# -- topics ---------------------------------------------------------------------------------------
+
+def attach_topics(attempt, session, article_id, title):
+    """The topics the user named, or else the first that Zhihu suggests for the title or one
+    of its words; none when nothing matches (Zhihu publishes without). The task's note says
+    which, or that there is none."""
+    if attempt.topics:
+        found = {name: session.find_topic(name) for name in attempt.topics}
+        chosen = list({topic.get('id'): topic for topic in found.values() if topic is not None}.values())
+        missing = [name for name, topic in found.items() if topic is None]
+    else:
+        chosen, missing = [], []
+        for query in topic_queries(title):
+            topic = session.find_topic(query)
+            if topic is not None:
+                chosen = [topic]
+                break
+    for topic in chosen:
+        session.add_topic(article_id, topic)
+    names = '、'.join(str(dig(topic, ANSWERS['topic_name'])) for topic in chosen)
+    if missing:
+        attempt.note(f'知乎上没有找到话题「{"、".join(missing)}」，没有添加 (no such Zhihu topic: {", ".join(missing)})')
+    if chosen:
+        attempt.note(f'话题：{names}' + ('' if attempt.topics else '（按标题自动匹配）') + f' (topics: {names})')
+    elif attempt.topics:
+        attempt.note('文章已按无话题发布 (published without a topic)')
+    else:
+        attempt.note('知乎没有与标题匹配的话题，文章已按无话题发布 (no Zhihu topic matches the title; '
+                     'published without a topic)')
+
+
+def matching_topic(query, suggestions):
+    """The suggestion named `query` (case and spaces aside), else the first whose name and the
+    query contain one another; None when none does."""
+    def key(text):
+        return re.sub(r'\s+', '', str(text)).lower()
+    wanted = key(query)
+    named = [(key(dig(topic, ANSWERS['topic_name']) or ''), topic) for topic in suggestions]
+    for name, topic in named:
+        if name and name == wanted:
+            return topic
+    for name, topic in named:
+        if name and (name in wanted or wanted in name):
+            return topic
+    return None
+
+
+def topic_queries(title):
+    """The title itself, then its words, longest first: Zhihu's topic search matches names, not
+    sentences, and a Chinese title has no spaces between its words, so it is split by jieba."""
+    words = [word.strip() for word in word_splitter().lcut(title)]
+    words = [word for word in words if len(word) >= 2 and not word.isdigit() and word not in TOPIC_STOP_WORDS
+             and re.search(r'\w', word)]
+    queries = [title] + sorted(dict.fromkeys(words), key=len, reverse=True)
+    return list(dict.fromkeys(queries))[:TOPIC_QUERIES]
+
+
+@functools.cache
+def word_splitter():
+    """jieba's Chinese word splitter, made on first use (it loads its dictionary then, about
+    a second), and quiet: its progress lines are not our log's."""
+    jieba.setLogLevel(logging.WARNING)
+    return jieba.Tokenizer()
 
 
 # -- what we send ---------------------------------------------------------------------------------
@@ -356,6 +712,18 @@ def checked_title(title):
     return title
 
 
+def column_id(text):
+    """A column as Zhihu's API names it (c_1234567890, or an older column's own name), from
+    that name or the column's URL (https://www.zhihu.com/column/c_..., zhuanlan.zhihu.com/...)."""
+    text = (text or '').strip()
+    if '/' in text:
+        text = urlsplit(text if '://' in text else 'https://' + text).path.rstrip('/').rsplit('/', 1)[-1]
+    if not re.fullmatch(r'[A-Za-z0-9_-]{1,100}', text):
+        raise BadAccount('专栏请写专栏的编号（如 c_1234567890）或专栏的网址 '
+                         '(a column is its id, such as c_1234567890, or its URL)')
+    return text
+
+
 def publish_request(draft_id):
     """The body Zhihu's own editor sends to publish a column article (zhihu_obsidian's shape)."""
     settings = {'column': None, 'commentPermission': 'anyone', 'disclaimer_type': 'none',
@@ -373,13 +741,6 @@ def publish_request(draft_id):
         'appreciate': {'can_reward': False, 'tagline': ''},
         'hybridInfo': {},
     }}
-
-
-def topic_queries(title):
-    """The title itself, then its longest words: Zhihu's topic search matches names, not sentences."""
-    words = [word for word in re.split(r'[\s\W_]+', title) if len(word) >= 2]
-    queries = [title] + sorted(dict.fromkeys(words), key=len, reverse=True)
-    return list(dict.fromkeys(queries))[:TOPIC_QUERIES]
 
 
 BLOCK_TAGS = r'(?:p|h[1-6]|ul|ol|li|blockquote|table|thead|tbody|tr|th|td|figure|figcaption|hr|div|pre)'
@@ -445,16 +806,29 @@ def decode_json(text):
         return None
 
 
-def error_message(answer):
+def first_of(answer, paths, kind):
     if not isinstance(answer, dict):
         return None
-    for path in ANSWERS['error_message']:
-        message = dig(answer, path)
-        if isinstance(message, str) and message:
-            return message
+    for path in paths:
+        value = dig(answer, path)
+        if isinstance(value, kind) and not isinstance(value, bool) and value not in ('', None):
+            return value
     return None
 
 
-def throttled(detail):
-    return PublishError(f'知乎限流：这个账号操作过于频繁（{detail}），已暂停，稍后自动重试；请降低发布频率 '
-                        '(Zhihu is throttling this account; will retry later)')
+def error_message(answer):
+    return first_of(answer, ANSWERS['error_message'], str)
+
+
+def error_code(answer):
+    code = first_of(answer, ANSWERS['error_code'], (int, str))
+    return int(code) if isinstance(code, str) and code.isdigit() else code
+
+
+def has_words(text, words):
+    return any(word in text for word in words)
+
+
+def duration(seconds):
+    """A pause in the words the user reads: '45 秒', '5 分钟'."""
+    return f'{seconds:.0f} 秒' if seconds < 120 else f'{seconds / 60:.0f} 分钟'

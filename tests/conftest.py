@@ -264,6 +264,38 @@ def platform():
     served.server.close()
 
 
+# -- the local stand-in of Zhihu ---------------------------------------------------------------
+# It answers on two host names, zhuanlan.zhihu.localhost and www.zhihu.localhost (Chromium
+# resolves *.localhost to the loopback), so cookies must be set for the shared parent domain and
+# each call must come from a page of its own origin, as on Zhihu. It is not Zhihu.
+
+ZHIHU_HOSTS = {'zhuanlan': 'zhuanlan.zhihu.localhost', 'www': 'www.zhihu.localhost'}
+
+
+@pytest.fixture(scope='module')
+def standin_server():
+    """One stand-in of Zhihu on waitress, on a free loopback port, for a module's tests."""
+    from zhihu_standin import ZhihuStandIn
+    standin = ZhihuStandIn(zhuanlan_host=ZHIHU_HOSTS['zhuanlan'], www_host=ZHIHU_HOSTS['www'])
+    server = waitress.server.create_server(standin.make_app(), host='127.0.0.1', port=0, threads=8)
+    thread = threading.Thread(target=server.run, name='zhihu-standin', daemon=True)
+    thread.start()
+    standin.urls = {kind: f'http://{host}:{server.effective_port}' for kind, host in ZHIHU_HOSTS.items()}
+    try:
+        yield standin
+    finally:
+        server.close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def standin(standin_server):
+    """The stand-in of Zhihu, emptied before and after the test; `.urls` are its two origins."""
+    standin_server.reset()
+    yield standin_server
+    standin_server.reset()
+
+
 # -- the web app in-process ------------------------------------------------------------------
 
 class WsgiClient:
@@ -425,6 +457,16 @@ def tasks(service, user, task_ids):
 def all_finished(service, user, task_ids):
     found = tasks(service, user, task_ids)
     return found if all(t['status'] in FINISHED for t in found) else None
+
+
+def run_topn(config, *args, **env):
+    """Run `python topn.py ARGS` with only this test's TOPN_* settings (plus `env`) in its environment."""
+    environ = {name: value for name, value in os.environ.items() if not name.startswith('TOPN_')}
+    environ.update(TOPN_MYSQL_URL=config.mysql_url, TOPN_REDIS_URL=config.redis_url,
+                   TOPN_REDIS_PREFIX=config.redis_prefix, TOPN_LOG_LEVEL='WARNING')
+    environ.update(env)
+    return subprocess.run([sys.executable, str(ROOT / 'topn.py'), *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture

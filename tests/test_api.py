@@ -175,6 +175,10 @@ INVALID_BATCHES = [
     ('article-id-string', one_article(article_id='7'), 'invalid_article_id'),
     ('article-id-zero', one_article(article_id=0), 'invalid_article_id'),
     ('article-id-bool', one_article(article_id=True), 'invalid_article_id'),
+    ('topics-not-a-list', {**one_article(), 'topics': 'Python'}, 'invalid_topics'),
+    ('six-topics', {**one_article(), 'topics': ['a', 'b', 'c', 'd', 'e', 'f']}, 'invalid_topics'),
+    ('topic-not-a-string', one_article(topics=[7]), 'invalid_topics'),
+    ('topic-51-chars', one_article(topics=['话' * 51]), 'invalid_topics'),
 ]
 
 
@@ -189,6 +193,20 @@ def test_invalid_batch_is_refused_with_400_and_its_code_and_creates_nothing(
     assert_error(response, 400, code)
     assert count_tasks(db) == 0
     assert queued_ids(redis_client, config, alice) == []
+
+
+def test_topics_of_the_batch_go_to_every_article_that_names_none_of_its_own(client, make_user):
+    alice = make_user('alice')
+    payload = {'platform': 'noop', 'topics': [' Python ', 'Python', '编程'], 'articles': [
+        {'title': 'one', 'content': 'x'}, {'title': 'two', 'content': 'x', 'topics': ['机器学习']},
+        {'title': 'three', 'content': 'x', 'topics': []}]}
+
+    task_ids = client.post(CREATE, payload, headers=alice.headers).json['task_ids']
+
+    found = client.get(STATUS + '?task_ids=' + ','.join(task_ids), headers=alice.headers).json['tasks']
+    assert [task['topics'] for task in found] == [['Python', '编程'], ['机器学习'], ['Python', '编程']]
+    untopical = client.post(CREATE, batch(1), headers=alice.headers).json['task_ids']
+    assert client.get(STATUS + '?task_ids=' + untopical[0], headers=alice.headers).json['tasks'][0]['topics'] is None
 
 
 def test_batch_of_ten_articles_is_accepted(client, db, make_user):

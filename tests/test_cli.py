@@ -1,26 +1,13 @@
 """`topn.py` as operators run it: a subprocess against this test's database and Redis prefix."""
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 import auth
-from conftest import ROOT, batch, free_port
+from conftest import batch, free_port, run_topn
 from db import Database
-
-
-def run_topn(config, *args, **env):
-    """Run `python topn.py ARGS` with only this test's TOPN_* settings (plus `env`) in its environment."""
-    environ = {name: value for name, value in os.environ.items() if not name.startswith('TOPN_')}
-    environ.update(TOPN_MYSQL_URL=config.mysql_url, TOPN_REDIS_URL=config.redis_url,
-                   TOPN_REDIS_PREFIX=config.redis_prefix, TOPN_LOG_LEVEL='WARNING')
-    environ.update(env)
-    return subprocess.run([sys.executable, str(ROOT / 'topn.py'), *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=60)
 
 
 def assert_refused(result, *fragments):

@@ -67,3 +67,22 @@ def test_schema_enums_hold_exactly_the_statuses_outcomes_and_priorities_of_tasks
     assert enum_of('status') == tasks.STATUSES
     assert enum_of('outcome') == tasks.OUTCOMES
     assert enum_of('priority') == tasks.PRIORITIES
+
+
+def test_initialize_adds_the_topics_and_note_columns_to_a_database_made_before_them(db, mysql_database):
+    """A database from before issue 15 lacks publish_tasks.topics and .result_note; applying
+    schema.sql again (what `topn.py initdb` does) adds them and keeps the rows."""
+    def columns():
+        with db.transaction() as cur:
+            cur.execute("SELECT column_name AS name FROM information_schema.columns "
+                        "WHERE table_schema = %s AND table_name = 'publish_tasks'", (mysql_database,))
+            return {row['name'] for row in cur.fetchall()}
+
+    with db.transaction() as cur:
+        cur.execute('ALTER TABLE publish_tasks DROP COLUMN topics, DROP COLUMN result_note')
+    try:
+        assert not {'topics', 'result_note'} & columns()
+    finally:
+        db.initialize()
+
+    assert {'topics', 'result_note'} <= columns()

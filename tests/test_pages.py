@@ -420,6 +420,32 @@ def test_batch_refused_by_the_active_limit_keeps_the_articles_and_says_why(brows
     assert count_tasks(db) == 9
 
 
+def test_topics_typed_into_the_batch_form_are_stored_with_each_of_its_tasks(browser, make_user, db, config):
+    alice = make_user('alice')
+    store_login(db, config, alice)
+    browser.log_in('alice')
+
+    response = browser.post('/batches', article_fields(('第一篇', '一'), ('第二篇', '二'))
+                            + [('topics', ' Python，机器学习、 Python ')], htmx=True)
+
+    assert response.status == 200, response.text[:500]
+    with db.transaction() as cur:
+        cur.execute('SELECT topics FROM publish_tasks WHERE user_id = %s ORDER BY id', (alice.id,))
+        assert [json.loads(row['topics']) for row in cur.fetchall()] == [['Python', '机器学习']] * 2
+
+
+def test_too_many_topics_are_refused_in_words_and_the_typed_topics_stay_in_the_form(browser, make_user, db, config):
+    alice = make_user('alice')
+    store_login(db, config, alice)
+    browser.log_in('alice')
+
+    response = browser.post('/batches', article_fields(('第一篇', '一')) + [('topics', '一,二,三,四,五,六')], htmx=True)
+
+    assert response.status == 400 and '话题写得不对：最多 5 个' in response.text
+    assert 'value="一,二,三,四,五,六"' in response.text
+    assert count_tasks(db) == 0
+
+
 def test_platform_select_lists_only_platforms_with_a_stored_login(site, make_user, db, config):
     alice, _bob = make_user('alice'), make_user('bob')
     store_login(db, config, alice)
@@ -537,6 +563,21 @@ def test_task_rows_show_status_progress_link_error_evidence_and_the_right_button
     assert f'/api/publish/tasks/{failed}/evidence/1/screenshot.png' in rows[failed]
     assert '等待中' in rows[waiting] and '/cancel' in rows[waiting] and 'value="0"' in rows[waiting]
     assert '1 / 4' in rows[failed] and '0 / 4' in rows[waiting]
+
+
+def test_a_published_tasks_note_is_shown_with_its_link(browser, make_user, scheduler, db, config):
+    alice = make_user('alice')
+    [task_id] = scheduler.submit_batch(alice.id, batch(1))
+    attempt = db.start_attempt(task_id, 'test-worker', config.lease_ttl)['attempt']
+    db.end_attempt(task_id, attempt, 'success', 'success', result_url='http://platform.example/p/1',
+                   note='知乎没有与标题匹配的话题，文章已按无话题发布')
+    browser.log_in('alice')
+
+    row = row_html(browser.get('/fragments/tasks', htmx=True).text, task_id)
+    detail = browser.get(f'/tasks/{task_id}').text
+
+    assert 'class="note">知乎没有与标题匹配的话题，文章已按无话题发布' in row
+    assert '知乎没有与标题匹配的话题' in detail
 
 
 def row_html(text, task_id):
@@ -667,6 +708,24 @@ def test_account_cookies_are_saved_replaced_and_deleted_and_never_shown_back(bro
     deleted = browser.post('/accounts/sandbox/delete', htmx=True)
     assert deleted.status == 200 and '已删除' in deleted.text
     assert list(db.accounts_of(alice.id)) == []
+
+
+def test_zhihu_column_is_saved_with_the_login_shown_back_in_its_field_and_optional(browser, make_user, db):
+    alice = make_user('alice')
+    browser.log_in('alice')
+    cookies = 'z_c0=SECRET1; d_c0=SECRET2; _xsrf=SECRET3; __zse_ck=SECRET4'
+
+    saved = browser.post('/accounts/zhihu', [('cookies', cookies),
+                                             ('column', 'https://www.zhihu.com/column/c_1234567890')], htmx=True)
+    page = browser.get('/accounts')
+    refused = browser.post('/accounts/zhihu', [('cookies', cookies), ('column', '我的专栏')], htmx=True)
+    without = browser.post('/accounts/zhihu', [('cookies', cookies), ('column', '')], htmx=True)
+
+    assert saved.status == 200 and 'name="column" value="c_1234567890"' in page.text
+    assert 'SECRET' not in saved.text + page.text
+    assert refused.status == 400 and '专栏请写专栏的编号' in refused.text
+    assert without.status == 200
+    assert 'column' not in AccountStore(db, SECRET).load(alice.id, 'zhihu')
 
 
 def test_account_cookies_without_the_required_names_are_refused_in_words(browser, make_user, db):

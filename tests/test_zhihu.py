@@ -1,28 +1,24 @@
 """The Zhihu publisher keeps its promises, tested with real headless Chromium against a LOCAL STAND-IN
-of Zhihu (tests/zhihu_standin.py), never against zhihu.com, which these machines cannot reach.
-
-The stand-in answers on two host names, zhuanlan.zhihu.localhost and www.zhihu.localhost (Chromium
-resolves *.localhost to the loopback), so cookies must be set for the shared parent domain and each
-call must come from a page of its own origin, as on Zhihu.
+of Zhihu (tests/zhihu_standin.py, served by conftest's `standin` fixture), never against zhihu.com,
+which these machines cannot reach. tests/test_zhihu_service.py runs the same flows through the
+whole service.
 """
 
 import dataclasses
-import threading
+import json
 import time
 from datetime import datetime
 
 import pytest
-import waitress
 
 import config
+import publishers.zhihu as zhihu
 from accounts import parse_cookies
-from publishers.base import Attempt, LoginExpired, PublishError
-from publishers.zhihu import ZhihuPublisher, zhihu_html
 from content import render_markdown
-from zhihu_standin import ZhihuStandIn
+from publishers.base import Attempt, BadAccount, LoginExpired, PublishError
+from publishers.zhihu import ArticleNotPublic, ZhihuPublisher, ZhihuRefused, reader_verdict, topic_queries, zhihu_html
 
-ZHUANLAN_HOST = 'zhuanlan.zhihu.localhost'
-WWW_HOST = 'www.zhihu.localhost'
+PAUSE = 7.0
 
 ARTICLE = """# 为什么学 Python
 
@@ -42,33 +38,10 @@ def hello(name):
 
 # -- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def standin_server():
-    """One stand-in of Zhihu on waitress, on a free loopback port, for the whole module."""
-    standin = ZhihuStandIn(zhuanlan_host=ZHUANLAN_HOST, www_host=WWW_HOST)
-    server = waitress.create_server(standin.make_app(), host='127.0.0.1', port=0, threads=8)
-    thread = threading.Thread(target=server.run, name='zhihu-standin', daemon=True)
-    thread.start()
-    try:
-        yield standin, server.effective_port
-    finally:
-        server.close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
-def standin(standin_server):
-    standin, _ = standin_server
-    standin.reset()
-    yield standin
-    standin.reset()
-
-
-@pytest.fixture
-def publisher(standin_server):
-    _, port = standin_server
-    settings = dataclasses.replace(config.Config(), zhihu_url=f'http://{ZHUANLAN_HOST}:{port}',
-                                   zhihu_www_url=f'http://{WWW_HOST}:{port}')
+def publisher(standin):
+    settings = dataclasses.replace(config.Config(), zhihu_url=standin.urls['zhuanlan'],
+                                   zhihu_www_url=standin.urls['www'], zhihu_pause=PAUSE)
     return ZhihuPublisher.from_config(settings)
 
 
@@ -83,13 +56,14 @@ class Run:
     attempt: Attempt
     progress: list
     refs: list
+    saved_logins: list
 
 
 @pytest.fixture
 def make_attempt(driver):
     def make(cookies, title='为什么学 Python 🐍', content=ARTICLE, platform_ref=None, earlier=(),
-             on_remember=None, timeout=60):
-        progress, refs = [], []
+             on_remember=None, timeout=60, topics=None, column=None):
+        progress, refs, saved_logins = [], [], []
 
         def remember(ref):
             refs.append(ref)
@@ -98,10 +72,11 @@ def make_attempt(driver):
 
         task = {'task_id': 1, 'user_id': 1, 'article_title': title, 'article_content': content,
                 'platform': 'zhihu', 'attempt': len(earlier) + 1, 'earlier_attempts': list(earlier),
-                'platform_ref': platform_ref}
+                'platform_ref': platform_ref, 'topics': topics}
+        account = {'cookies': parse_cookies(cookies), **({'column': column} if column else {})}
         attempt = Attempt(task, lambda percent: progress.append(percent) or False, timeout,
-                          remember_ref=remember, driver=driver, account={'cookies': parse_cookies(cookies)})
-        return Run(attempt, progress, refs)
+                          remember_ref=remember, driver=driver, account=account, save_account=saved_logins.append)
+        return Run(attempt, progress, refs, saved_logins)
     return make
 
 
@@ -114,6 +89,48 @@ def article_id_of(url):
 
 
 # -- publishing ----------------------------------------------------------------------------------
+
+def test_chinese_title_without_a_matching_topic_is_published_without_one_and_says_so(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: when Zhihu suggests no topic for the title or any of its words,
+    the article is published with none (as Zhihu's editor allows) and the task's note says so."""
+    cookies = standin.add_account('writer')
+    run = make_attempt(cookies, title='今天的晚饭吃什么')
+
+    url = publisher.publish(run.attempt)
+
+    [article] = standin.published(cookies)
+    assert article['topics'] == [] and url.endswith(f'/p/{article["id"]}')
+    assert any('without a topic' in note for note in run.attempt.notes)
+    searched = [path for method, path in standin.calls if path == '/api/autocomplete/topics']
+    assert len(searched) == len(topic_queries('今天的晚饭吃什么')) > 1
+
+
+def test_named_topics_are_attached_and_a_name_zhihu_lacks_is_noted(standin, publisher, make_attempt):
+    """Against the local stand-in: the topics the user named are attached by Zhihu's exact names, in
+    place of any automatic choice; a name Zhihu has no topic for is said in the note."""
+    cookies = standin.add_account('writer')
+    run = make_attempt(cookies, title='今天的晚饭吃什么', topics=['机器学习', 'python', '不存在的话题'])
+
+    publisher.publish(run.attempt)
+
+    [article] = standin.published(cookies)
+    assert [topic['name'] for topic in article['topics']] == ['机器学习', 'Python']
+    assert any('不存在的话题' in note for note in run.attempt.notes)
+
+
+def test_publish_answer_without_a_url_ends_with_the_article_url_built_from_the_draft_id(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: since 2025-09 Zhihu's publish answer may carry no URL; the URL is
+    /p/<draft id> on the configured origin, verified there."""
+    cookies = standin.add_account('writer')
+    standin.answer_without_url = True
+    run = make_attempt(cookies)
+
+    url = publisher.publish(run.attempt)
+
+    [article] = standin.published(cookies)
+    assert url == f'{standin.urls["zhuanlan"]}/p/{article["id"]}' == f'{standin.urls["zhuanlan"]}/p/{run.refs[0]}'
 
 def test_markdown_article_is_published_once_with_a_topic_and_a_verified_url(standin, publisher, make_attempt):
     """Against the local stand-in: a Markdown article with a CJK + emoji title comes out as one
@@ -251,34 +268,18 @@ def test_expired_cookies_raise_login_expired_fast_without_drafts_or_publishing(s
     assert run.progress == [] and run.refs == []
 
 
-def test_article_without_a_matching_topic_fails_without_retry_and_is_not_published(
+def test_throttled_account_fails_retryably_after_a_pause_with_a_throttling_message(
         standin, publisher, make_attempt):
-    """Against the local stand-in: when Zhihu suggests no topic, the attempt fails for good with a
-    message saying so, instead of publishing something Zhihu would refuse."""
+    """Against the local stand-in: a 429 "操作过于频繁" answer is a retryable failure that waits out
+    the pause and says the account is being throttled; nothing is published."""
     cookies = standin.add_account('writer')
-    run = make_attempt(cookies, title='今天的晚饭吃什么')
+    standin.refuse(10, 429, 10005, '操作过于频繁，请稍后再试')
 
-    with pytest.raises(PublishError) as refused:
-        publisher.publish(run.attempt)
-
-    assert not refused.value.retryable
-    assert '话题' in str(refused.value)
-    assert standin.published(cookies) == []
-    assert ('POST', '/api/v4/content/publish') not in standin.calls
-    assert not run.attempt.submitted
-
-
-def test_throttled_account_fails_retryably_with_a_throttling_message(standin, publisher, make_attempt):
-    """Against the local stand-in: a 429 "操作过于频繁" answer is a retryable failure that says the
-    account is being throttled; nothing is published."""
-    cookies = standin.add_account('writer')
-    standin.throttled = True
-
-    with pytest.raises(PublishError) as refused:
+    with pytest.raises(ZhihuRefused) as refused:
         publisher.publish(make_attempt(cookies).attempt)
 
-    assert refused.value.retryable
-    assert '限流' in str(refused.value) and 'throttling' in str(refused.value)
+    assert refused.value.kind == 'throttled'
+    assert refused.value.retryable and refused.value.retry_after == PAUSE
     assert standin.published(cookies) == []
 
 
@@ -339,3 +340,218 @@ def test_zhihu_html_puts_images_in_figures_and_tables_in_zhihu_table_blocks():
             '<tbody><tr><th>a</th><th>b</th></tr><tr><td>1</td><td>2</td></tr></tbody></table>') in converted
     assert '<p></p>' not in converted and '<p> </p>' not in converted
     assert converted.endswith('<p>行一 行二</p>')
+
+
+# -- refusals, each with its own rule ----------------------------------------------------------------
+
+def test_signature_refusal_10003_pauses_keeps_the_answer_and_is_not_an_expired_login(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: a 403 with code 10003 "请求参数异常" (Zhihu wanting a signature) is
+    retried after the pause, is not called an expired login, and keeps Zhihu's answer as evidence."""
+    cookies = standin.add_account('writer')
+    standin.refuse(1, 403, 10003, '请求参数异常，请升级客户端后重试')
+
+    with pytest.raises(ZhihuRefused) as refused:
+        publisher.publish(make_attempt(cookies).attempt)
+
+    assert refused.value.kind == 'signature' and not isinstance(refused.value, LoginExpired)
+    assert refused.value.retryable and refused.value.retry_after == PAUSE
+    assert '登录已失效' not in str(refused.value)
+    assert json.loads(refused.value.answer)['error']['code'] == 10003
+
+
+def test_risk_control_403_and_a_401_while_still_logged_in_are_risk_control_not_expired_logins(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: a bare 403, and a 401 on a write while /api/v4/me still says the
+    session is logged in, are risk control: retried after the pause, never a login error."""
+    cookies = standin.add_account('writer')
+    kinds = []
+    for status in (403, 401):
+        standin.refuse(1, status, 40362, '您当前请求存在异常，暂时限制本次访问')
+        with pytest.raises(ZhihuRefused) as refused:
+            publisher.publish(make_attempt(cookies).attempt)
+        kinds.append((refused.value.kind, refused.value.retry_after, isinstance(refused.value, LoginExpired)))
+
+    assert kinds == [('risk_control', PAUSE, False)] * 2
+
+
+def test_http_200_with_a_nonzero_code_is_a_refusal_that_says_zhihus_code_and_is_not_retried(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: Zhihu refuses with HTTP 200 and a non-zero `code`; the attempt
+    fails for good with Zhihu's code and words, and its JSON answer is kept."""
+    cookies = standin.add_account('writer')
+    standin.refuse(1, 200, 4031, '内容含有不适宜发布的信息')
+
+    with pytest.raises(ZhihuRefused) as refused:
+        publisher.publish(make_attempt(cookies).attempt)
+
+    assert refused.value.kind == 'refused' and not refused.value.retryable
+    assert '4031' in str(refused.value) and '内容含有不适宜发布的信息' in str(refused.value)
+    assert json.loads(refused.value.answer) == {'code': 4031, 'message': '内容含有不适宜发布的信息'}
+    assert standin.published(cookies) == []
+
+
+# -- fresh cookies --------------------------------------------------------------------------------
+
+def test_stale_zse_ck_is_renewed_by_zhihus_page_script_remembered_and_the_article_published(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: after __zse_ck expired, the real page's script renews it before any
+    API call; the fresh cookies are handed back to be stored, and the article is published."""
+    cookies = standin.add_account('writer')
+    standin.expire_zse_ck()
+    run = make_attempt(cookies)
+
+    publisher.publish(run.attempt)
+
+    [saved] = run.saved_logins
+    fresh = dict(saved['cookies'])
+    assert fresh['__zse_ck'] != dict(parse_cookies(cookies))['__zse_ck']
+    assert standin.zse_ck_works(fresh['__zse_ck'])
+    assert fresh['z_c0'] == dict(parse_cookies(cookies))['z_c0']
+    assert len(standin.published(cookies)) == 1
+
+
+def test_a_challenge_page_that_never_clears_is_a_challenge_refusal_before_any_api_call(
+        standin, publisher, make_attempt, monkeypatch):
+    """Against the local stand-in: when the page's script never gets past its challenge, the attempt
+    stops with the challenge rule (retry after the pause), not as an expired login."""
+    monkeypatch.setattr(zhihu, 'REFRESH_SECONDS', 3.0)
+    cookies = standin.add_account('writer')
+    standin.expire_zse_ck()
+    standin.challenge_passes = False
+
+    with pytest.raises(ZhihuRefused) as refused:
+        publisher.publish(make_attempt(cookies).attempt)
+
+    assert refused.value.kind == 'challenge' and refused.value.retry_after == PAUSE
+    assert standin.calls == []
+
+
+def test_check_login_tells_a_refreshed_login_from_an_expired_one(standin, publisher, driver):
+    """Against the local stand-in: the login check renews a stale __zse_ck through the page and says
+    so, putting the fresh cookies into the account; an expired z_c0 is said to be expired."""
+    live, gone = standin.add_account('writer'), standin.add_account('sleeper')
+    standin.expire(gone)
+    standin.expire_zse_ck()
+    account = {'cookies': parse_cookies(live)}
+
+    ok, detail = publisher.check_login(driver, account)
+
+    assert ok and 'refreshed' in detail
+    assert standin.zse_ck_works(dict(account['cookies'])['__zse_ck'])
+    ok, detail = publisher.check_login(driver, {'cookies': parse_cookies(gone)})
+    assert not ok and '登录已失效' in detail
+
+
+# -- verification as a reader ---------------------------------------------------------------------
+
+def test_article_only_its_author_sees_is_not_counted_as_published(standin, publisher, make_attempt):
+    """Against the local stand-in: the author's own session sees the article, a reader without
+    cookies sees isVisible false; the attempt fails for good instead of claiming success."""
+    cookies = standin.add_account('writer')
+    standin.new_article_visibility = 'author_only'
+
+    with pytest.raises(ArticleNotPublic) as hidden:
+        publisher.publish(make_attempt(cookies).attempt)
+
+    assert not hidden.value.under_review and not hidden.value.retryable
+    assert 'isVisible=False' in str(hidden.value)
+
+
+def test_soft_404_page_is_not_counted_as_published(standin, publisher, make_attempt, monkeypatch):
+    """Against the local stand-in: /p/<id> answers HTTP 200 titled 「你似乎来到了没有知识存在的荒原」;
+    that is a page not found, so the attempt fails (to look again later), not succeeds."""
+    monkeypatch.setattr(zhihu, 'VERIFY_SECONDS', 3.0)
+    cookies = standin.add_account('writer')
+    standin.new_article_visibility = 'soft_404'
+
+    with pytest.raises(PublishError) as missing:
+        publisher.publish(make_attempt(cookies).attempt)
+
+    assert missing.value.retryable and not isinstance(missing.value, ArticleNotPublic)
+    assert '你似乎来到了没有知识存在的荒原' in str(missing.value)
+
+
+def test_article_under_review_is_reported_in_zhihus_words_and_looked_at_again_after_the_pause(
+        standin, publisher, make_attempt):
+    """Against the local stand-in: an article Zhihu holds for review is neither published nor failed:
+    the attempt says so in Zhihu's words and is retried after the pause; the retry only looks."""
+    cookies = standin.add_account('writer')
+    standin.new_article_visibility = 'review'
+    run = make_attempt(cookies)
+
+    with pytest.raises(ArticleNotPublic) as review:
+        publisher.publish(run.attempt)
+
+    assert review.value.under_review and review.value.retryable and review.value.retry_after == PAUSE
+    assert '该文章正在审核中' in str(review.value)
+    calls_before = len(standin.calls)
+    with pytest.raises(ArticleNotPublic):
+        publisher.publish(make_attempt(cookies, platform_ref=run.refs[0], earlier=[lost_earlier_attempt()]).attempt)
+    assert not [call for call in standin.calls[calls_before:] if call[0] != 'GET']
+    assert len(standin.drafts_of(cookies)) == 1
+
+
+def test_reader_verdict_requires_every_public_field_the_author_and_the_url():
+    """Pure decision (no browser): each field a reader's page must show, one at a time."""
+    url = 'https://zhuanlan.zhihu.com/p/7'
+    article = {'id': '7', 'type': 'article', 'articleType': 'normal', 'state': 'published', 'status': 0,
+               'isVisible': True, 'isNormal': True, 'url': 'http://zhuanlan.zhihu.com/p/7', 'author': {'id': 'me'}}
+
+    def verdict(**changes):
+        data = {'initialState': {'entities': {'articles': {'7': {**article, **changes}}}}}
+        return reader_verdict({'status': 200, 'title': 't', 'initialData': json.dumps(data), 'text': ''},
+                              '7', 'me', url).kind
+
+    assert verdict() == 'published'
+    for field, value in (('state', 'draft'), ('status', 1), ('isVisible', False), ('isNormal', False),
+                         ('articleType', 'paid'), ('url', 'https://zhuanlan.zhihu.com/p/8'), ('author', {'id': 'x'})):
+        assert verdict(**{field: value}) == 'hidden', field
+    assert verdict(isVisible=False, reviewInfo={'tips': '审核中'}) == 'under_review'
+    soft_404 = {'status': 200, 'title': '你似乎来到了没有知识存在的荒原 - 知乎', 'initialData': None, 'text': ''}
+    assert reader_verdict(soft_404, '7', 'me', url).kind == 'missing'
+
+
+# -- topics and columns ---------------------------------------------------------------------------
+
+def test_topic_queries_split_a_chinese_title_into_words():
+    """Pure (no browser): a Chinese title has no spaces; jieba splits it, function words are dropped."""
+    queries = topic_queries('用Python写爬虫的十个技巧')
+
+    assert queries[0] == '用Python写爬虫的十个技巧'
+    assert {'Python', '爬虫', '技巧'} <= set(queries)
+    assert '的' not in queries and '为什么' not in topic_queries('为什么学 Python')
+
+
+def test_published_article_is_filed_into_the_accounts_column(standin, publisher, make_attempt):
+    """Against the local stand-in: an account with a column gets each published article added to it."""
+    cookies = standin.add_account('writer')
+    standin.add_column(cookies, 'c_1234567890')
+    run = make_attempt(cookies, column='c_1234567890')
+
+    url = publisher.publish(run.attempt)
+
+    assert standin.column_items('c_1234567890') == [article_id_of(url)]
+    assert any('c_1234567890' in note for note in run.attempt.notes)
+
+
+def test_column_that_refuses_the_article_leaves_it_published_and_says_so(standin, publisher, make_attempt):
+    """Against the local stand-in: a column of someone else refuses the article; the article stays
+    published (a retry would not help) and the note says the column did not take it."""
+    cookies, other = standin.add_account('writer'), standin.add_account('other')
+    standin.add_column(other, 'c_99')
+    run = make_attempt(cookies, column='c_99')
+
+    publisher.publish(run.attempt)
+
+    assert len(standin.published(cookies)) == 1 and standin.column_items('c_99') == []
+    assert any('c_99' in note and '没能收入专栏' in note for note in run.attempt.notes)
+
+
+def test_column_is_stored_as_its_id_from_an_id_or_a_url_and_nonsense_is_refused():
+    """Pure (no browser): `account set --column` takes the id or the column's URL."""
+    publisher = ZhihuPublisher()
+    for given in ('c_1234567890', 'https://www.zhihu.com/column/c_1234567890', 'zhuanlan.zhihu.com/c_1234567890/'):
+        assert publisher.check_account({'cookies': [], 'column': given})['column'] == 'c_1234567890'
+    with pytest.raises(BadAccount):
+        publisher.check_account({'cookies': [], 'column': '我的专栏'})

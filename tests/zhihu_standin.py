@@ -1,14 +1,44 @@
 """A local STAND-IN for the few Zhihu endpoints and pages TOP_N's Zhihu publisher uses. It is not Zhihu.
 
 zhihu.com cannot be reached from our machines, so the Zhihu publisher is tested against this small
-Bottle app instead. It copies what public tools document about Zhihu (paths, request shapes, the
-four session cookies, the `x-xsrftoken` check, drafts published under their own id, topics,
-`js-initialData` on `/p/<id>`); where Zhihu's exact answers are unknown (error codes, messages,
-topic ids) the values here are our guesses and say nothing about the real site.
+Bottle app instead. What it does comes from public tools and their users' reports (collected in
+shared/research/zhihu.md); where Zhihu's exact answers are unknown (error codes other than 10003,
+messages, topic ids, how a page marks an article under review) the values here are our guesses
+and say nothing about the real site. It is meant to be no stricter than Zhihu: it insists on
+nothing the public tools do not send. Behaviour by behaviour, with its source:
+
+- Session: the cookies `z_c0` (the login), `d_c0` and `__zse_ck`; with `z_c0` alone API calls get
+  403 (RSSHub #19228). `GET /api/v4/me` answers the account with its `id` when logged in, 401 when
+  the login expired (Wechatsync's zhihu adapter). No `x-xsrftoken`, `x-requested-with` or
+  `x-zse-*` header is required: Wechatsync and zhihu_obsidian publish without the signatures, and
+  Wechatsync without `x-xsrftoken`.
+- `__zse_ck` expires on a schedule (`expire_zse_ck`) and only a page's own script renews it
+  (zhihu_obsidian `src/login_service.ts`, PR #77): an API call with an expired or missing one
+  answers 403 with code 10003 "请求参数异常，请升级客户端后重试" (frostming/fxzhihu #51); a page
+  asked with an expired one (and the question page, the one zhihu_obsidian opens to get one, asked
+  without) answers a challenge page whose script sets a fresh `__zse_ck` and reloads.
+- Drafts: `POST /api/articles/drafts`, `PATCH|GET /api/articles/<id>/draft` (zhihu_obsidian).
+  Topics: `GET /api/autocomplete/topics?token=` and `POST /api/articles/<id>/topics` (ArtiPub,
+  zhihu_obsidian); the catalogue below is invented.
+- Publishing: `POST /api/v4/content/publish` publishes a draft under its own id, so publishing it
+  again updates, never duplicates (zhihu_obsidian); with no topic at all, as a captured 2025-07
+  editor request did (jack-base/zhihu-publisher-vscode `publish.har`). It answers `code: 0,
+  message: "success"` with `data.result` a JSON string; since 2025-09 its `publish.url` may be
+  empty (`answer_without_url`; zhihu_obsidian #82). Refusals come as HTTP 200 with a non-zero
+  `code` (`refuse`), as do throttling and risk control answers with their own statuses.
+- Article pages `/p/<id>` carry `<script id="js-initialData">` with the article under
+  `initialState.entities.articles[id]` (Wechatsync `publication-inspection/zhihu.ts`). They are
+  public: a reader without cookies sees them. How an article shows to such a reader is
+  `new_article_visibility`: 'public'; 'author_only' (`isVisible: false` to anyone but its author);
+  'review' (our guess at an article under review: `isVisible: false` and a `reviewInfo` with
+  Zhihu's words); 'soft_404' (HTTP 200 titled 「你似乎来到了没有知识存在的荒原」, Wechatsync).
+- Columns: `POST /api/v4/columns/<column>/items {type: "article", id}` files an article into one of
+  the account's columns (siyuan-plugin-publisher); `GET` of the same path lists it.
 
 One app serves both the zhuanlan and the www paths. Given `zhuanlan_host` and `www_host`, it
 answers each path only on its own host, and it sends no CORS headers, like a strict Zhihu would.
-Tests drive it through `ZhihuStandIn` methods: make accounts, set fault knobs, count articles.
+Tests drive it through `ZhihuStandIn` methods: make accounts and columns, set fault knobs, read
+what was published.
 """
 
 import html
@@ -21,8 +51,10 @@ import time
 import bottle
 
 TITLE_MAX_CHARS = 100
-REQUIRED_COOKIES = ('z_c0', 'd_c0', '_xsrf', '__zse_ck')
 NOT_FOUND_TITLE = '你似乎来到了没有知识存在的荒原 - 知乎'
+SIGNATURE_REFUSAL = (403, 10003, '请求参数异常，请升级客户端后重试')
+REVIEW_TIPS = '该文章正在审核中，审核通过后将对所有人可见'
+CHALLENGE_DELAY_MS = 300
 TOPICS = (  # stand-in catalogue: invented ids
     {'id': '90000001', 'type': 'topic', 'name': 'Python'},
     {'id': '90000002', 'type': 'topic', 'name': 'Python 入门'},
@@ -33,7 +65,7 @@ TOPICS = (  # stand-in catalogue: invented ids
 
 
 class ZhihuStandIn:
-    """The stand-in's state (accounts, drafts, fault knobs) and the Bottle app around it."""
+    """The stand-in's state (accounts, drafts, columns, fault knobs) and the Bottle app around it."""
 
     def __init__(self, zhuanlan_host=None, www_host=None):
         self.hosts = {'zhuanlan': zhuanlan_host, 'www': www_host}
@@ -44,11 +76,16 @@ class ZhihuStandIn:
         with self.lock:
             self.accounts = {}             # z_c0 value -> account dict
             self.drafts = {}               # id -> draft dict (published ones too: Zhihu keeps the id)
+            self.columns = {}              # column id -> {'owner': account id, 'items': [article ids]}
+            self.zse_tokens = set()        # the __zse_ck values Zhihu accepts now
             self.calls = []                # (method, path) of every API request, for assertions
             self.ids = itertools.count(2000000000000000001)
             self.lose_publish_answers = 0  # publish, then answer 502 this many times
-            self.throttled = False         # answer every write with 429 操作过于频繁
+            self.refusals = []             # answers the next API writes get instead: (status, code, message)
             self.page_lag = 0              # /p/<id> hides a fresh article this many times
+            self.answer_without_url = False
+            self.new_article_visibility = 'public'
+            self.challenge_passes = True   # False: the challenge page's script never gets a __zse_ck
 
     # -- for tests --------------------------------------------------------------------
 
@@ -58,26 +95,49 @@ class ZhihuStandIn:
             'z_c0': f'"2|1:0|10:{int(time.time())}|4:z_c0|92:{secrets.token_urlsafe(24)}|{secrets.token_hex(8)}"',
             'd_c0': f'"{secrets.token_urlsafe(16)}|{int(time.time())}"',
             '_xsrf': secrets.token_hex(16),
-            '__zse_ck': f'004_{secrets.token_urlsafe(30)}',
+            '__zse_ck': self._mint_zse_ck(),
         }
         with self.lock:
-            self.accounts[cookies['z_c0']] = {'id': secrets.token_hex(16), 'name': name,
-                                              'cookies': cookies, 'expired': False}
+            self.accounts[cookies['z_c0']] = {'id': secrets.token_hex(16), 'name': name, 'expired': False}
         return '; '.join(f'{key}={value}' for key, value in cookies.items())
 
     def expire(self, cookie_string):
         with self.lock:
             self._account_of(cookie_string)['expired'] = True
 
+    def expire_zse_ck(self):
+        """Every `__zse_ck` handed out so far stops working, as Zhihu's do on their schedule."""
+        with self.lock:
+            self.zse_tokens.clear()
+
+    def zse_ck_works(self, value):
+        with self.lock:
+            return value in self.zse_tokens
+
+    def refuse(self, count, status, code, message):
+        """The next `count` API writes answer `status` with Zhihu's error shape instead (for
+        HTTP 200, Zhihu's `{"code": ..., "message": ...}`)."""
+        with self.lock:
+            self.refusals.extend([(status, code, message)] * count)
+
+    def add_column(self, cookie_string, column_id):
+        with self.lock:
+            self.columns[column_id] = {'owner': self._account_of(cookie_string)['id'], 'items': []}
+
+    def column_items(self, column_id):
+        with self.lock:
+            return list(self.columns[column_id]['items'])
+
     def make_draft(self, cookie_string, title, content=''):
         with self.lock:
             return self._new_draft(self._account_of(cookie_string), title, content)['id']
 
-    def make_article(self, cookie_string, title, content, page_lag=0):
+    def make_article(self, cookie_string, title, content, page_lag=0, visibility='public'):
         """An article already published (with a topic), whose page hides it `page_lag` times."""
         with self.lock:
             draft = self._new_draft(self._account_of(cookie_string), title, content)
-            draft.update(topics=[dict(TOPICS[0])], state='published', created=int(time.time()), page_lag=page_lag)
+            draft.update(topics=[dict(TOPICS[0])], state='published', created=int(time.time()), page_lag=page_lag,
+                         visibility=visibility)
             return draft['id']
 
     def published(self, cookie_string=None):
@@ -92,6 +152,10 @@ class ZhihuStandIn:
             owner = self._account_of(cookie_string)['id']
             return [dict(d) for d in self.drafts.values() if d['author'] == owner]
 
+    def account_id(self, cookie_string):
+        with self.lock:
+            return self._account_of(cookie_string)['id']
+
     def _account_of(self, cookie_string):
         z_c0 = dict(part.strip().split('=', 1) for part in cookie_string.split(';'))['z_c0']
         return self.accounts[z_c0]
@@ -99,9 +163,14 @@ class ZhihuStandIn:
     def _new_draft(self, account, title, content):
         draft_id = str(next(self.ids))
         draft = {'id': draft_id, 'author': account['id'], 'title': title, 'content': content,
-                 'topics': [], 'state': 'draft', 'created': None, 'page_lag': 0}
+                 'topics': [], 'state': 'draft', 'created': None, 'page_lag': 0, 'visibility': 'public'}
         self.drafts[draft_id] = draft
         return draft
+
+    def _mint_zse_ck(self):
+        token = f'004_{secrets.token_urlsafe(30)}'
+        self.zse_tokens.add(token)
+        return token
 
     # -- the app ----------------------------------------------------------------------
 
@@ -111,8 +180,11 @@ class ZhihuStandIn:
         on_zhuanlan, on_www = self._host_check('zhuanlan'), self._host_check('www')
 
         app.route('/robots.txt', 'GET', lambda: self._text('User-agent: *\n# Zhihu stand-in\n'))
+        app.route('/question/<question_id:re:\\d+>', 'GET', on_www(self.question_page))
         app.route('/api/v4/me', 'GET', on_www(self.me))
         app.route('/api/v4/content/publish', 'POST', on_www(self.publish))
+        app.route('/api/v4/columns/<column_id>/items', 'POST', on_www(self.add_column_item))
+        app.route('/api/v4/columns/<column_id>/items', 'GET', on_www(self.list_column_items))
         app.route('/api/articles/drafts', 'POST', on_zhuanlan(self.create_draft))
         app.route('/api/articles/<draft_id:re:\\d+>/draft', 'GET', on_zhuanlan(self.read_draft))
         app.route('/api/articles/<draft_id:re:\\d+>/draft', 'PATCH', on_zhuanlan(self.save_draft))
@@ -139,33 +211,100 @@ class ZhihuStandIn:
 
     # -- session checks -----------------------------------------------------------------
 
-    def _session(self, write=False):
-        """The account the request's cookies log in, or an HTTPResponse refusing it."""
+    @staticmethod
+    def _cookies():
         cookies = {}
         for part in (bottle.request.get_header('Cookie') or '').split(';'):
             name, _, value = part.strip().partition('=')
-            cookies[name] = value
+            if name:
+                cookies[name] = value
+        return cookies
+
+    def _session(self, write=False):
+        """The account the request's cookies log in, or an HTTPResponse refusing it."""
+        cookies = self._cookies()
         account = self.accounts.get(cookies.get('z_c0'))
         if account is None:
             return self._error(401, 101, '身份未经过验证', 'AuthenticationError')
         if account['expired']:
             return self._error(401, 100, 'ERR_LOGIN_TICKET_EXPIRED', 'AuthenticationInvalidRequest')
-        if any(cookies.get(name) != account['cookies'][name] for name in REQUIRED_COOKIES):
-            return self._error(403, 10003, '请求参数异常，请升级客户端后重试')
-        if write:
-            if bottle.request.get_header('x-xsrftoken') != cookies['_xsrf']:
-                return self._error(403, 10001, 'XSRF 校验失败')
-            if bottle.request.get_header('x-requested-with') != 'fetch':
-                return self._error(403, 10002, '请求来源异常')
-            if self.throttled:
-                return self._error(429, 10005, '操作过于频繁，请稍后再试')
+        if not cookies.get('d_c0') or cookies.get('__zse_ck') not in self.zse_tokens:
+            return self._error(*SIGNATURE_REFUSAL)
+        if write and self.refusals:
+            status, code, message = self.refusals.pop(0)
+            if status == 200:
+                return self._json({'code': code, 'message': message})
+            return self._error(status, code, message)
         return account
+
+    def _viewer(self):
+        """The account whose cookies a page request carries, or None for a reader without any."""
+        account = self.accounts.get(self._cookies().get('z_c0'))
+        return account if account is not None and not account['expired'] else None
+
+    def _stale_zse_ck(self):
+        value = self._cookies().get('__zse_ck')
+        return value is not None and value not in self.zse_tokens
 
     def _own_draft(self, account, draft_id):
         draft = self.drafts.get(draft_id)
         if draft is None or draft['author'] != account['id']:
             return self._error(404, 404, '草稿不存在')
         return draft
+
+    # -- pages ----------------------------------------------------------------------------
+
+    def question_page(self, question_id):
+        """A question page: what zhihu_obsidian opens so that Zhihu's script renews __zse_ck."""
+        if self._cookies().get('__zse_ck') not in self.zse_tokens:
+            return self._challenge_page()
+        initial = json.dumps({'initialState': {'entities': {'questions': {question_id: {'id': question_id}}}}})
+        return self._html(f'<!doctype html><html><head><meta charset="utf-8"><title>一个问题 - 知乎</title></head>'
+                          f'<body><h1>一个问题</h1><script id="js-initialData" type="text/json">{initial}</script>'
+                          '</body></html>')
+
+    def _challenge_page(self):
+        """A page whose script, after a moment, sets a fresh __zse_ck and reloads: only a browser
+        that runs the page's script gets past it."""
+        domain = shared_parent(*(host for host in self.hosts.values() if host))
+        attributes = f'; domain={domain}' if domain else ''
+        renew = f'document.cookie = "__zse_ck={self._mint_zse_ck()}; path=/{attributes}"; ' \
+            if self.challenge_passes else ''
+        script = f'setTimeout(() => {{ {renew}location.reload(); }}, {CHALLENGE_DELAY_MS});'
+        return self._html('<!doctype html><html><head><meta charset="utf-8"><title>知乎</title></head>'
+                          f'<body><p>正在检查你的浏览器…</p><script>{script}</script></body></html>', 403)
+
+    def article_page(self, draft_id):
+        """The public article page: js-initialData for a published article, as its viewer may see it;
+        the not-found page otherwise."""
+        if self._stale_zse_ck():
+            return self._challenge_page()
+        draft = self.drafts.get(draft_id)
+        if draft is not None and draft['state'] == 'published' and draft['page_lag'] > 0:
+            draft['page_lag'] -= 1
+            draft = None
+        if draft is None or draft['state'] != 'published':
+            return self._not_found_page(404)
+        viewer = self._viewer()
+        visibility = 'public' if viewer is not None and viewer['id'] == draft['author'] else draft['visibility']
+        if visibility == 'soft_404':
+            return self._not_found_page(200)
+        url = f'{self._base()}/p/{draft_id}'
+        article = {'id': draft_id, 'type': 'article', 'articleType': 'normal', 'state': 'published',
+                   'status': 0, 'isVisible': visibility == 'public', 'isNormal': True, 'url': url,
+                   'title': draft['title'], 'content': draft['content'], 'created': draft['created'],
+                   'author': {'id': draft['author']}, 'topics': draft['topics']}
+        if visibility == 'review':
+            article['reviewInfo'] = {'status': 'reviewing', 'tips': REVIEW_TIPS}
+        initial = json.dumps({'initialState': {'entities': {'articles': {draft_id: article}}}},
+                             ensure_ascii=False).replace('</', '<\\/')
+        return self._html(f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(draft["title"])} - 知乎'
+                          f'</title><link rel="canonical" href="{url}"></head><body><article>{draft["content"]}'
+                          f'</article><script id="js-initialData" type="text/json">{initial}</script></body></html>')
+
+    def _not_found_page(self, status):
+        return self._html(f'<!doctype html><html><head><title>{NOT_FOUND_TITLE}</title></head>'
+                          '<body>你似乎来到了没有知识存在的荒原</body></html>', status)
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -249,37 +388,41 @@ class ZhihuStandIn:
             return self._json({'code': 4001, 'message': '请输入标题'})
         if not draft['content'].strip():
             return self._json({'code': 4002, 'message': '发布内容不能为空'})
-        if not draft['topics']:
-            return self._json({'code': 4003, 'message': '请至少添加一个话题'})
         if draft['state'] != 'published':
-            draft.update(state='published', created=int(time.time()), page_lag=self.page_lag)
+            draft.update(state='published', created=int(time.time()), page_lag=self.page_lag,
+                         visibility=self.new_article_visibility)
         if self.lose_publish_answers > 0:
             self.lose_publish_answers -= 1
             return bottle.HTTPResponse(status=502, body='<html><body>502 Bad Gateway</body></html>')
-        result = {'publish': {'id': draft['id'], 'type': 'article', 'url': f'{self._base()}/p/{draft["id"]}'}}
+        url = '' if self.answer_without_url else f'{self._base()}/p/{draft["id"]}'
+        result = {'publish': {'id': draft['id'], 'type': 'article', 'url': url}}
         return self._json({'code': 0, 'message': 'success',
                            'data': {'publish_type': 'article', 'result': json.dumps(result)}})
 
-    def article_page(self, draft_id):
-        """The public article page: js-initialData for a published article, the not-found page otherwise."""
-        draft = self.drafts.get(draft_id)
-        if draft is not None and draft['state'] == 'published' and draft['page_lag'] > 0:
-            draft['page_lag'] -= 1
-            draft = None
-        if draft is None or draft['state'] != 'published':
-            page = f'<!doctype html><html><head><title>{NOT_FOUND_TITLE}</title></head><body>404</body></html>'
-            return bottle.HTTPResponse(status=404, body=page, headers={'Content-Type': 'text/html; charset=utf-8'})
-        url = f'{self._base()}/p/{draft_id}'
-        article = {'id': draft_id, 'type': 'article', 'articleType': 'normal', 'state': 'published',
-                   'status': 0, 'isVisible': True, 'isNormal': True, 'url': url, 'title': draft['title'],
-                   'content': draft['content'], 'created': draft['created'], 'author': {'id': draft['author']},
-                   'topics': draft['topics']}
-        initial = json.dumps({'initialState': {'entities': {'articles': {draft_id: article}}}},
-                             ensure_ascii=False).replace('</', '<\\/')
-        page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(draft["title"])} - 知乎'
-                f'</title><link rel="canonical" href="{url}"></head><body><article>{draft["content"]}</article>'
-                f'<script id="js-initialData" type="text/json">{initial}</script></body></html>')
-        return bottle.HTTPResponse(status=200, body=page, headers={'Content-Type': 'text/html; charset=utf-8'})
+    def add_column_item(self, column_id):
+        account = self._session(write=True)
+        if isinstance(account, bottle.HTTPResponse):
+            return account
+        column = self.columns.get(column_id)
+        if column is None:
+            return self._error(404, 404, '专栏不存在')
+        if column['owner'] != account['id']:
+            return self._error(403, 403, '你没有权限管理这个专栏')
+        body = bottle.request.json or {}
+        draft = self.drafts.get(str(body.get('id')))
+        if body.get('type') != 'article' or draft is None or draft['author'] != account['id'] \
+                or draft['state'] != 'published':
+            return self._json({'code': 400, 'message': '文章不存在或尚未发布'})
+        if draft['id'] not in column['items']:
+            column['items'].append(draft['id'])
+        return self._json({'type': 'article', 'id': draft['id']})
+
+    def list_column_items(self, column_id):
+        column = self.columns.get(column_id)
+        if column is None:
+            return self._error(404, 404, '专栏不存在')
+        return self._json({'data': [{'type': 'article', 'id': item, 'title': self.drafts[item]['title']}
+                                    for item in column['items']], 'paging': {'is_end': True}})
 
     # -- answers --------------------------------------------------------------------------
 
@@ -296,5 +439,22 @@ class ZhihuStandIn:
         return self._json({'error': {'code': code, 'message': message, 'name': name}}, status)
 
     @staticmethod
+    def _html(page, status=200):
+        return bottle.HTTPResponse(status=status, body=page, headers={'Content-Type': 'text/html; charset=utf-8'})
+
+    @staticmethod
     def _text(text):
         return bottle.HTTPResponse(status=200, body=text, headers={'Content-Type': 'text/plain; charset=utf-8'})
+
+
+def shared_parent(*hosts):
+    """The parent domain two host names share ('.zhihu.localhost'), or None (one host, or none shared)."""
+    if len(set(hosts)) < 2:
+        return None
+    reversed_labels = [host.split('.')[::-1] for host in hosts]
+    common = []
+    for labels in zip(*reversed_labels):
+        if len(set(labels)) != 1:
+            break
+        common.append(labels[0])
+    return '.' + '.'.join(reversed(common)) if len(common) >= 2 else None
