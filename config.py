@@ -69,6 +69,9 @@ class Config:
     sandbox_url: str = 'http://127.0.0.1:8090'
     zhihu_url: str = 'https://zhuanlan.zhihu.com'
     zhihu_www_url: str = 'https://www.zhihu.com'
+    zhihu_api_url: str = 'https://api.zhihu.com'
+    zhihu_upload_url: str = 'https://zhihu-pics-upload.zhimg.com'
+    zhihu_pictures_url: str = 'https://picx.zhimg.com'
     zhihu_pause: float = 300.0
     log_level: str = 'INFO'
     pacing: tuple = (('zhihu', 60.0), ('sandbox', 0.0), ('wordpress', 0.0))

@@ -24,6 +24,11 @@ account and at its URL (the checks of Wechatsync's publication-inspection/zhihu.
 page titled 「你似乎来到了没有知识存在的荒原」 is a not-found page even when it answers 200.
 The URL is built from the draft id, so a publish answer without one (since 2025-09) is fine.
 
+Pictures: Zhihu shows only pictures on its own image host, so each one goes up by its bytes
+as the editor uploads a pasted file: its md5 to api.zhihu.com/images (Zhihu may already have
+it), the bytes to the signed OSS upload host, then the upload reported and the picture polled
+until Zhihu can show it; the body then points at picx.zhimg.com only.
+
 Topics are optional (the real editor publishes with `topics: []`): the user's named topics,
 else the first suggestion for the title or one of its words, else none, said in the task's
 result. Every refusal has a kind in REFUSALS, with its own words and retry rule; an expired
@@ -31,8 +36,12 @@ login is only what /api/v4/me says it is. Endpoints, JSON paths and page markers
 ENDPOINTS / ANSWERS below.
 """
 
+import base64
 import collections
+import email.utils
 import functools
+import hashlib
+import hmac
 import html
 import json
 import logging
@@ -44,8 +53,10 @@ from urllib.parse import quote, urlsplit
 import jieba
 from selenium.common.exceptions import WebDriverException
 
+import images
 from content import text_content
 from publishers.base import BadAccount, LoginExpired, Publisher, PublishError
+from publishers.browser import rehost_pictures, upload_bytes, wait_for
 
 # -- what we rely on at Zhihu (one place: a platform change is a one-line fix here) ----------
 
@@ -62,7 +73,12 @@ ENDPOINTS = {
     'publish': ('www', '/api/v4/content/publish'),
     'article_page': ('zhuanlan', '/p/{id}'),
     'column_items': ('www', '/api/v4/columns/{column}/items'),
+    'image': ('api', '/images'),                                  # a picture by its md5: where to put it
+    'image_uploaded': ('api', '/images/{id}/uploading_status'),
+    'image_status': ('api', '/images/{id}'),
 }
+
+IMAGE_BUCKET = 'zhihu-pics'    # the OSS bucket behind zhihu-pics-upload.zhimg.com, part of what is signed
 
 ANSWERS = {
     'user_id': ('id',),                        # /me: logged in when present
@@ -81,6 +97,11 @@ ANSWERS = {
                        ('status', 0), ('isVisible', True), ('isNormal', True)),
     'not_found_title': '你似乎来到了没有知识存在的荒原',  # HTTP 200 "soft 404"
     'signin_path': '/signin',
+    'image_id': ('upload_file', 'image_id'),
+    'image_key': ('upload_file', 'object_key'),
+    'image_known': (('upload_file', 'state'), 1),   # Zhihu has these bytes already: nothing to send
+    'upload_token': ('upload_token',),              # access_id, access_key, access_token
+    'image_status': ('status',),                    # 'success' once the picture can be shown
 }
 
 SIGNATURE_CODES = (10003,)     # 请求参数异常，请升级客户端后重试: the call wanted the editor's x-zse-96 signature
@@ -118,6 +139,7 @@ REFUSALS = {
 
 TITLE_MAX_CHARS = 100          # the editor's placeholder: "请输入标题（最多 100 个字）"
 REQUEST_SECONDS = 20.0
+PICTURE_SECONDS = 60.0         # one picture's bytes to the image host, and Zhihu processing it
 PAGE_SECONDS = 30.0
 REFRESH_SECONDS = 15.0         # how long a real page gets for its script to renew __zse_ck
 VERIFY_SECONDS = 30.0          # public tools see /p/<digits> within ~30 s of publishing
@@ -193,13 +215,18 @@ class ZhihuPublisher(Publisher):
     optional_login_fields = ('column',)
     required_cookies = ('z_c0', 'd_c0', '_xsrf', '__zse_ck')
 
-    def __init__(self, zhuanlan_url='https://zhuanlan.zhihu.com', www_url='https://www.zhihu.com', pause=300.0):
-        self.origins = {'zhuanlan': zhuanlan_url.rstrip('/'), 'www': www_url.rstrip('/')}
+    def __init__(self, zhuanlan_url='https://zhuanlan.zhihu.com', www_url='https://www.zhihu.com',
+                 api_url='https://api.zhihu.com', upload_url='https://zhihu-pics-upload.zhimg.com',
+                 pictures_url='https://picx.zhimg.com', pause=300.0):
+        self.origins = {'zhuanlan': zhuanlan_url.rstrip('/'), 'www': www_url.rstrip('/'), 'api': api_url.rstrip('/')}
+        self.picture_hosts = {'upload': upload_url.rstrip('/'), 'pictures': pictures_url.rstrip('/')}
         self.pause = pause
 
     @classmethod
     def from_config(cls, config):
-        return cls(zhuanlan_url=config.zhihu_url, www_url=config.zhihu_www_url, pause=config.zhihu_pause)
+        return cls(zhuanlan_url=config.zhihu_url, www_url=config.zhihu_www_url, api_url=config.zhihu_api_url,
+                   upload_url=config.zhihu_upload_url, pictures_url=config.zhihu_pictures_url,
+                   pause=config.zhihu_pause)
 
     def article_url(self, article_id):
         return self.origins['zhuanlan'] + ENDPOINTS['article_page'][1].format(id=article_id)
@@ -211,12 +238,12 @@ class ZhihuPublisher(Publisher):
 
     def publish(self, attempt):
         title = checked_title(attempt.title)
-        body = zhihu_html(attempt.body_html)
-        if not text_content(body).strip() and '<img' not in body:
+        if not text_content(attempt.body_html).strip() and '<img' not in attempt.body_html:
             raise PublishError('正文为空，知乎不会发布空文章：请补充正文后重新提交 '
                                '(the article body is empty)', retryable=False)
         pause = self.pause * 2 ** max(0, attempt.number - 1)
-        session = ZhihuSession(attempt.driver, self.origins, attempt.account, lambda: attempt.seconds_left, pause)
+        session = ZhihuSession(attempt.driver, self.origins, attempt.account, lambda: attempt.seconds_left, pause,
+                               self.picture_hosts)
         session.log_in()
         if session.refreshed_cookies:
             attempt.remember_account({'cookies': session.refreshed_cookies})
@@ -232,6 +259,7 @@ class ZhihuPublisher(Publisher):
                 raise self.not_public(article_id, verdict, session.pause)
             if not session.draft_exists(article_id):
                 article_id = None
+        body = zhihu_html(rehost_pictures(attempt, session.upload_picture, start=30, end=50))
         if article_id is None:
             article_id = session.create_draft(title)
             attempt.remember_platform_ref(article_id)
@@ -307,9 +335,10 @@ class ZhihuPublisher(Publisher):
 class ZhihuSession:
     """One browser's conversation with Zhihu for one account: cookies in, JSON calls out."""
 
-    def __init__(self, driver, origins, account, seconds_left, pause=0.0):
+    def __init__(self, driver, origins, account, seconds_left, pause=0.0, picture_hosts=None):
         self.driver = driver
         self.origins = origins
+        self.picture_hosts = picture_hosts or {}
         self.cookies = dict((account or {}).get('cookies', ()))
         self.stored_cookies = dict(self.cookies)
         self.seconds_left = seconds_left
@@ -453,6 +482,51 @@ class ZhihuSession:
         url = origin + ENDPOINTS['article_page'][1].format(id=article_id)
         page = self._fetch(origin, url, 'article_page', as_page=True, anonymous=True)
         return reader_verdict(page, article_id, self.author_id, url)
+
+    def upload_picture(self, picture):
+        """Put one picture on Zhihu's image host as its editor does with a pasted file, and
+        return the URL Zhihu shows it at. Zhihu knows pictures by their md5, so bytes it
+        already has are not sent again."""
+        _, answer = self.call('image', method='POST',
+                              body={'image_hash': hashlib.md5(picture.data).hexdigest(), 'source': 'article'})
+        image_id, object_key = dig(answer, ANSWERS['image_id']), dig(answer, ANSWERS['image_key'])
+        if not image_id or not isinstance(object_key, str) or not re.fullmatch(r'[\w.-]+', object_key):
+            raise PublishError('知乎没有给出图片的上传位置，稍后自动重试 (no image id or object key in Zhihu\'s answer)',
+                               answer=json.dumps(answer, ensure_ascii=False))
+        known_path, known = ANSWERS['image_known']
+        if dig(answer, known_path) != known:
+            self._send_to_image_host(object_key, picture, dig(answer, ANSWERS['upload_token']) or {})
+            self.call('image_uploaded', id=image_id, method='PUT', body={'upload_result': 'success'})
+        wait_for(lambda: self._picture_ready(image_id), self._time_for(PICTURE_SECONDS), 'Zhihu to process the picture',
+                 interval=PAGE_POLL_SECONDS)
+        extension = '' if '.' in object_key else '.' + images.EXTENSIONS[picture.mime]
+        return f'{self.picture_hosts["pictures"]}/{object_key}{extension}'
+
+    def _send_to_image_host(self, object_key, picture, token):
+        """The picture's bytes to Zhihu's OSS upload host, signed with the upload token Zhihu gave,
+        from a page of that host (no cross-origin request)."""
+        origin = self.picture_hosts['upload']
+        date = email.utils.formatdate(usegmt=True)
+        oss_headers = {'x-oss-date': date, 'x-oss-security-token': str(token.get('access_token', ''))}
+        signature = oss_signature(str(token.get('access_key', '')), 'PUT', picture.mime, date, oss_headers,
+                                  f'/{IMAGE_BUCKET}/{object_key}')
+        headers = {'Content-Type': picture.mime, **oss_headers,
+                   'Authorization': f'OSS {token.get("access_id", "")}:{signature}'}
+        self._stand_on(origin)
+        status, text = upload_bytes(self.driver, 'PUT', f'{origin}/{object_key}', picture.data, headers,
+                                    timeout=self._time_for(PICTURE_SECONDS))
+        if not 200 <= status < 300:
+            raise PublishError(f'知乎图床没有收下图片（HTTP {status}：{text[:160]}），稍后自动重试 '
+                               f'(Zhihu\'s image host refused the upload: HTTP {status})',
+                               retryable=status == 0 or status >= 500 or status == 403)
+
+    def _picture_ready(self, image_id):
+        _, answer = self.call('image_status', id=image_id)
+        status = dig(answer, ANSWERS['image_status'])
+        if status in ('fail', 'failed'):
+            raise PublishError(f'知乎处理图片失败（{json.dumps(answer, ensure_ascii=False)[:160]}）'
+                               '(Zhihu could not process the picture)', retryable=False)
+        return status == 'success'
 
     def file_into_column(self, column, article_id):
         self.call('column_items', column=quote(column, safe=''), method='POST',
@@ -776,6 +850,14 @@ def _zhihu_table(match):
 
 
 # -- small helpers --------------------------------------------------------------------------------
+
+def oss_signature(access_key, verb, content_type, date, oss_headers, resource):
+    """Aliyun OSS's header signature (version 1): base64 HMAC-SHA1, keyed with the upload
+    token's access key, of the verb, MD5 (none), type, date, x-oss-* headers and resource."""
+    canonical_headers = ''.join(f'{name.lower()}:{value}\n' for name, value in sorted(oss_headers.items()))
+    text = f'{verb}\n\n{content_type}\n{date}\n{canonical_headers}{resource}'
+    return base64.b64encode(hmac.new(access_key.encode(), text.encode(), hashlib.sha1).digest()).decode()
+
 
 def cookie_domain(*hosts):
     """The parent domain every host shares ('.zhihu.com' for zhuanlan. and www.), or None when

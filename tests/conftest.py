@@ -265,18 +265,20 @@ def platform():
 
 
 # -- the local stand-in of Zhihu ---------------------------------------------------------------
-# It answers on two host names, zhuanlan.zhihu.localhost and www.zhihu.localhost (Chromium
-# resolves *.localhost to the loopback), so cookies must be set for the shared parent domain and
-# each call must come from a page of its own origin, as on Zhihu. It is not Zhihu.
+# It answers on Zhihu's host names under .localhost (zhuanlan.zhihu.localhost, www., api., and the
+# picture hosts under zhimg.localhost; Chromium resolves *.localhost to the loopback), so cookies
+# must be set for the shared parent domain and each call must come from a page of its own origin,
+# as on Zhihu. It is not Zhihu.
 
-ZHIHU_HOSTS = {'zhuanlan': 'zhuanlan.zhihu.localhost', 'www': 'www.zhihu.localhost'}
+ZHIHU_HOSTS = {'zhuanlan': 'zhuanlan.zhihu.localhost', 'www': 'www.zhihu.localhost', 'api': 'api.zhihu.localhost',
+               'upload': 'zhihu-pics-upload.zhimg.localhost', 'pictures': 'picx.zhimg.localhost'}
 
 
 @pytest.fixture(scope='module')
 def standin_server():
     """One stand-in of Zhihu on waitress, on a free loopback port, for a module's tests."""
     from zhihu_standin import ZhihuStandIn
-    standin = ZhihuStandIn(zhuanlan_host=ZHIHU_HOSTS['zhuanlan'], www_host=ZHIHU_HOSTS['www'])
+    standin = ZhihuStandIn(**{f'{kind}_host': host for kind, host in ZHIHU_HOSTS.items()})
     server = waitress.server.create_server(standin.make_app(), host='127.0.0.1', port=0, threads=8)
     thread = threading.Thread(target=server.run, name='zhihu-standin', daemon=True)
     thread.start()
@@ -286,6 +288,13 @@ def standin_server():
     finally:
         server.close()
         thread.join(timeout=5)
+
+
+def zhihu_environment(standin):
+    """The TOPN_ZHIHU_*_URL settings that point the service at the stand-in."""
+    return {'TOPN_ZHIHU_URL': standin.urls['zhuanlan'], 'TOPN_ZHIHU_WWW_URL': standin.urls['www'],
+            'TOPN_ZHIHU_API_URL': standin.urls['api'], 'TOPN_ZHIHU_UPLOAD_URL': standin.urls['upload'],
+            'TOPN_ZHIHU_PICTURES_URL': standin.urls['pictures']}
 
 
 @pytest.fixture

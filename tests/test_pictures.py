@@ -1,6 +1,6 @@
 """Articles with pictures: admitted only with real pictures by their bytes, stored with the task,
 and re-hosted on every platform they are published to (the sandbox's image host, a real
-WordPress's media library), the published body pointing only at the platform's copies."""
+WordPress's media library, the image host of the local stand-in of Zhihu), the published body pointing only at the platform's copies."""
 
 import base64
 import hashlib
@@ -225,6 +225,31 @@ def test_pictures_become_attachments_of_the_wordpress_post_served_from_its_uploa
     sources = set(re.findall(r'<img [^>]*src="([^"]*)"', post['content']))
     assert sources == set(attached), 'the body references only the media library copies'
     assert tasks(service, user, [task_id])[0]['result_url'] == post['link']
+
+
+# -- the stand-in of Zhihu -------------------------------------------------------------------------
+
+def test_pictures_go_to_zhihus_image_host_by_their_bytes_and_the_article_shows_only_those(
+        start_service, make_user, db, config, standin, picture_server, tmp_path):
+    from conftest import zhihu_environment
+    service = start_service(TOPN_SECRET_KEY=SECRET, TOPN_STATE_DIR=str(tmp_path / 'state'),
+                            TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'), TOPN_PACING_ZHIHU=0,
+                            **zhihu_environment(standin))
+    user = make_user('zhihu_writer')
+    cookies = standin.add_account('zhihu_writer')
+    AccountStore(db, SECRET).save(user.id, load_publishers(config)['zhihu'], {'cookies': cookies})
+    [task_id] = create(service, user, {'platform': 'zhihu', 'articles': [
+        article_with_pictures(picture_server + '/remote.png', title='知乎带图')]})
+
+    [task] = wait_until(lambda: all_finished(service, user, [task_id]), timeout=120, message='the Zhihu article')
+
+    assert task['status'] == 'success', task
+    [article] = standin.published(cookies)
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', article['content'])
+    assert len(sources) == 4 and all(source.startswith(standin.urls['pictures'] + '/') for source in sources)
+    assert {sha(standin.hosted_picture(source)[1]) for source in sources} == set(map(sha, (LOCAL_A, LOCAL_B, REMOTE)))
+    assert len(standin.picture_uploads) == 3
+    assert picture_server not in article['content']
 
 
 # -- the page ------------------------------------------------------------------------------------------

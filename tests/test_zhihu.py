@@ -41,7 +41,9 @@ def hello(name):
 @pytest.fixture
 def publisher(standin):
     settings = dataclasses.replace(config.Config(), zhihu_url=standin.urls['zhuanlan'],
-                                   zhihu_www_url=standin.urls['www'], zhihu_pause=PAUSE)
+                                   zhihu_www_url=standin.urls['www'], zhihu_api_url=standin.urls['api'],
+                                   zhihu_upload_url=standin.urls['upload'],
+                                   zhihu_pictures_url=standin.urls['pictures'], zhihu_pause=PAUSE)
     return ZhihuPublisher.from_config(settings)
 
 
@@ -62,7 +64,7 @@ class Run:
 @pytest.fixture
 def make_attempt(driver):
     def make(cookies, title='为什么学 Python 🐍', content=ARTICLE, platform_ref=None, earlier=(),
-             on_remember=None, timeout=60, topics=None, column=None):
+             on_remember=None, timeout=60, topics=None, column=None, pictures=None, picture_memory=None):
         progress, refs, saved_logins = [], [], []
 
         def remember(ref):
@@ -75,7 +77,8 @@ def make_attempt(driver):
                 'platform_ref': platform_ref, 'topics': topics}
         account = {'cookies': parse_cookies(cookies), **({'column': column} if column else {})}
         attempt = Attempt(task, lambda percent: progress.append(percent) or False, timeout,
-                          remember_ref=remember, driver=driver, account=account, save_account=saved_logins.append)
+                          remember_ref=remember, driver=driver, account=account, save_account=saved_logins.append,
+                          local_pictures=lambda: pictures or {}, picture_memory=picture_memory)
         return Run(attempt, progress, refs, saved_logins)
     return make
 
@@ -555,3 +558,92 @@ def test_column_is_stored_as_its_id_from_an_id_or_a_url_and_nonsense_is_refused(
         assert publisher.check_account({'cookies': [], 'column': given})['column'] == 'c_1234567890'
     with pytest.raises(BadAccount):
         publisher.check_account({'cookies': [], 'column': '我的专栏'})
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+PICTURE_ARTICLE = '开头 ![一](a.png)\n\n中间 ![二](images/b.png)\n\n再一次 ![一again](a.png)\n'
+
+
+def stored_pictures():
+    from images import picture_from_bytes
+    from test_pictures import LOCAL_A, LOCAL_B
+    return {name: picture_from_bytes(name, data, 1 << 20) for name, data in
+            (('a.png', LOCAL_A), ('images/b.png', LOCAL_B))}
+
+
+class RememberedPictures:
+    """The worker's per-account memory of re-hosted pictures, kept in a dict for one test."""
+
+    def __init__(self):
+        self.urls = {}
+
+    def get(self, picture, place):
+        return self.urls.get((picture.sha256, place))
+
+    def put(self, picture, place, url):
+        self.urls[(picture.sha256, place)] = url
+
+
+def image_sources(content):
+    import re
+    return re.findall(r'<img [^>]*src="([^"]*)"', content)
+
+
+def test_pictures_go_up_by_their_bytes_and_the_article_shows_only_zhihus_copies(standin, publisher, make_attempt):
+    cookies = standin.add_account('writer')
+    pictures = stored_pictures()
+    run = make_attempt(cookies, title='带图的文章', content=PICTURE_ARTICLE, pictures=pictures,
+                       picture_memory=RememberedPictures())
+
+    publisher.publish(run.attempt)
+
+    [article] = standin.published(cookies)
+    sources = image_sources(article['content'])
+    assert len(sources) == 3 and all(src.startswith(standin.urls['pictures'] + '/v2-') for src in sources)
+    assert [standin.hosted_picture(src) for src in sources] == [
+        ('image/png', pictures['a.png'].data), ('image/png', pictures['images/b.png'].data),
+        ('image/png', pictures['a.png'].data)]
+    assert len(standin.picture_uploads) == 2, 'a picture used twice goes up once'
+    assert 'a.png' not in article['content']
+    assert [p for p in run.progress if 30 < p <= 50] == [40, 50], 'each upload is a progress step'
+
+
+def test_a_failed_upload_names_its_picture_and_the_retry_uploads_none_twice(standin, publisher, make_attempt):
+    cookies = standin.add_account('writer')
+    memory = RememberedPictures()
+    standin.fail_picture_upload = 2   # a.png goes up, the upload of images/b.png fails
+    first = make_attempt(cookies, title='带图的文章', content=PICTURE_ARTICLE, pictures=stored_pictures(),
+                         picture_memory=memory)
+
+    with pytest.raises(PublishError) as failed:
+        publisher.publish(first.attempt)
+    second = make_attempt(cookies, title='带图的文章', content=PICTURE_ARTICLE, pictures=stored_pictures(),
+                          picture_memory=memory, earlier=[{'outcome': 'failed'}])
+    publisher.publish(second.attempt)
+
+    assert 'images/b.png' in str(failed.value) and failed.value.retryable
+    assert standin.published(cookies)[0]['title'] == '带图的文章' and len(standin.published(cookies)) == 1
+    assert len(standin.picture_uploads) == len(set(standin.picture_uploads)) == 2, 'none went up twice'
+
+
+def test_bytes_zhihu_already_has_are_not_sent_again(standin, publisher, make_attempt):
+    first, second = standin.add_account('first'), standin.add_account('second')
+    for cookies in (first, second):
+        publisher.publish(make_attempt(cookies, title='同一张图', content='![一](a.png)\n\n正文',
+                                       pictures=stored_pictures(), picture_memory=RememberedPictures()).attempt)
+
+    assert len(standin.picture_uploads) == 1, 'Zhihu knew the md5 the second time'
+    assert image_sources(standin.published(first)[0]['content']) == image_sources(standin.published(second)[0]['content'])
+
+
+def test_an_upload_with_a_wrong_signature_is_refused_by_the_image_host(standin, publisher, make_attempt, monkeypatch):
+    cookies = standin.add_account('writer')
+    monkeypatch.setattr(zhihu, 'IMAGE_BUCKET', 'another-bucket')
+
+    with pytest.raises(PublishError) as failed:
+        publisher.publish(make_attempt(cookies, title='带图的文章', content='![一](a.png)\n\n正文',
+                                       pictures=stored_pictures(), picture_memory=RememberedPictures()).attempt)
+
+    assert 'a.png' in str(failed.value) and 'HTTP 403' in str(failed.value)
+    assert standin.published(cookies) == [] and standin.picture_uploads == []

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from accounts import AccountStore, parse_cookies
-from conftest import SECRET, http, run_topn, wait_until
+from conftest import SECRET, http, run_topn, wait_until, zhihu_environment
 from publishers import load_publishers
 
 PAUSE = 2   # TOPN_ZHIHU_PAUSE: seconds before a retry after risk control, throttling or a review
@@ -20,8 +20,7 @@ PAUSE = 2   # TOPN_ZHIHU_PAUSE: seconds before a retry after risk control, throt
 def zhihu_service(start_service, standin, tmp_path):
     """The service publishing to the stand-in, with no pacing between publishes of one account."""
     def start(**env):
-        settings = {'TOPN_ZHIHU_URL': standin.urls['zhuanlan'], 'TOPN_ZHIHU_WWW_URL': standin.urls['www'],
-                    'TOPN_SECRET_KEY': SECRET, 'TOPN_STATE_DIR': str(tmp_path / 'state'),
+        settings = {**zhihu_environment(standin), 'TOPN_SECRET_KEY': SECRET, 'TOPN_STATE_DIR': str(tmp_path / 'state'),
                     'TOPN_BROWSER_ROOT': str(tmp_path / 'browsers'), 'TOPN_PACING_ZHIHU': 0,
                     'TOPN_ZHIHU_PAUSE': PAUSE, 'TOPN_WORKERS': 2, **env}
         return start_service(**settings)
@@ -191,8 +190,7 @@ def test_account_set_takes_a_column_and_account_check_stores_the_cookies_zhihus_
         config, make_user, db, standin, tmp_path):
     make_user('alice')
     cookies = standin.add_account('alice')
-    env = {'TOPN_ZHIHU_URL': standin.urls['zhuanlan'], 'TOPN_ZHIHU_WWW_URL': standin.urls['www'],
-           'TOPN_SECRET_KEY': SECRET, 'TOPN_BROWSER_ROOT': str(tmp_path / 'browsers')}
+    env = {**zhihu_environment(standin), 'TOPN_SECRET_KEY': SECRET, 'TOPN_BROWSER_ROOT': str(tmp_path / 'browsers')}
     stored = run_topn(config, 'account', 'set', 'alice', 'zhihu', '--cookies', cookies,
                       '--column', 'https://www.zhihu.com/column/c_1234567890', **env)
     standin.expire_zse_ck()

@@ -34,16 +34,30 @@ nothing the public tools do not send. Behaviour by behaviour, with its source:
   Zhihu's words); 'soft_404' (HTTP 200 titled 「你似乎来到了没有知识存在的荒原」, Wechatsync).
 - Columns: `POST /api/v4/columns/<column>/items {type: "article", id}` files an article into one of
   the account's columns (siyuan-plugin-publisher); `GET` of the same path lists it.
+- Pictures by their bytes, as the editor uploads a pasted file (zhihu_obsidian and the
+  multi-platform publishers of shared/research/zhihu.md, section Images): `POST /images` on the api
+  host with `{image_hash: <md5>, source}` answers an `upload_file` (`image_id`, `object_key`
+  `v2-<md5>`, `state` 1 when Zhihu already has those bytes) and an `upload_token`; the bytes go by
+  `PUT /<object_key>` to the upload host (a stand-in of Aliyun OSS: it checks the `OSS
+  access_id:signature` header, HMAC-SHA1 with the token's access key, as OSS does); `PUT
+  /images/<id>/uploading_status` reports the upload; `GET /images/<id>` answers `status`
+  'processing' (`processing_polls` times) then 'success'; the pictures host serves
+  `/<object_key>.<ext>`. Field names beyond those the tools name, and the processing delay, are
+  our guesses.
 
-One app serves both the zhuanlan and the www paths. Given `zhuanlan_host` and `www_host`, it
-answers each path only on its own host, and it sends no CORS headers, like a strict Zhihu would.
+One app serves the zhuanlan, www and api paths and the two picture hosts. Given their host names,
+it answers each path only on its own host, and it sends no CORS headers, like a strict Zhihu would.
 Tests drive it through `ZhihuStandIn` methods: make accounts and columns, set fault knobs, read
 what was published.
 """
 
+import base64
+import hashlib
+import hmac
 import html
 import itertools
 import json
+import re
 import secrets
 import threading
 import time
@@ -67,8 +81,11 @@ TOPICS = (  # stand-in catalogue: invented ids
 class ZhihuStandIn:
     """The stand-in's state (accounts, drafts, columns, fault knobs) and the Bottle app around it."""
 
-    def __init__(self, zhuanlan_host=None, www_host=None):
-        self.hosts = {'zhuanlan': zhuanlan_host, 'www': www_host}
+    ZHIHU_KINDS = ('zhuanlan', 'www', 'api')   # the hosts that share Zhihu's cookies
+
+    def __init__(self, zhuanlan_host=None, www_host=None, api_host=None, upload_host=None, pictures_host=None):
+        self.hosts = {'zhuanlan': zhuanlan_host, 'www': www_host, 'api': api_host,
+                      'upload': upload_host, 'pictures': pictures_host}
         self.lock = threading.Lock()
         self.reset()
 
@@ -86,6 +103,11 @@ class ZhihuStandIn:
             self.answer_without_url = False
             self.new_article_visibility = 'public'
             self.challenge_passes = True   # False: the challenge page's script never gets a __zse_ck
+            self.images = {}               # image id -> {'hash', 'key', 'token', 'state', 'polls_left'}
+            self.stored_pictures = {}      # object key -> (mime, bytes) on the image host
+            self.picture_uploads = []      # object keys, one per PUT the upload host took
+            self.fail_picture_upload = 0   # N: the Nth PUT to the upload host from now answers 500
+            self.processing_polls = 1      # how many status polls a fresh picture is still processing
 
     # -- for tests --------------------------------------------------------------------
 
@@ -152,6 +174,12 @@ class ZhihuStandIn:
             owner = self._account_of(cookie_string)['id']
             return [dict(d) for d in self.drafts.values() if d['author'] == owner]
 
+    def hosted_picture(self, url):
+        """(mime, bytes) the pictures host serves at `url`, or None."""
+        key = url.rsplit('/', 1)[-1].rsplit('.', 1)[0]
+        with self.lock:
+            return self.stored_pictures.get(key)
+
     def account_id(self, cookie_string):
         with self.lock:
             return self._account_of(cookie_string)['id']
@@ -191,6 +219,12 @@ class ZhihuStandIn:
         app.route('/api/articles/<draft_id:re:\\d+>/topics', 'POST', on_zhuanlan(self.add_topic))
         app.route('/api/autocomplete/topics', 'GET', on_zhuanlan(self.search_topics))
         app.route('/p/<draft_id:re:\\d+>', 'GET', on_zhuanlan(self.article_page))
+        on_api, on_upload, on_pictures = (self._host_check(kind) for kind in ('api', 'upload', 'pictures'))
+        app.route('/images', 'POST', on_api(self.new_image))
+        app.route('/images/<image_id:re:\\d+>/uploading_status', 'PUT', on_api(self.image_uploaded))
+        app.route('/images/<image_id:re:\\d+>', 'GET', on_api(self.image_status))
+        app.route('/<object_key:re:v2-[0-9a-f]+>', 'PUT', on_upload(self.put_picture))
+        app.route('/<object_key:re:v2-[0-9a-f]+>.<extension>', 'GET', on_pictures(self.get_picture))
         return app
 
     def _host_check(self, kind):
@@ -266,7 +300,7 @@ class ZhihuStandIn:
     def _challenge_page(self):
         """A page whose script, after a moment, sets a fresh __zse_ck and reloads: only a browser
         that runs the page's script gets past it."""
-        domain = shared_parent(*(host for host in self.hosts.values() if host))
+        domain = shared_parent(*(self.hosts[kind] for kind in self.ZHIHU_KINDS if self.hosts[kind]))
         attributes = f'; domain={domain}' if domain else ''
         renew = f'document.cookie = "__zse_ck={self._mint_zse_ck()}; path=/{attributes}"; ' \
             if self.challenge_passes else ''
@@ -423,6 +457,91 @@ class ZhihuStandIn:
             return self._error(404, 404, '专栏不存在')
         return self._json({'data': [{'type': 'article', 'id': item, 'title': self.drafts[item]['title']}
                                     for item in column['items']], 'paging': {'is_end': True}})
+
+    # -- pictures -------------------------------------------------------------------------
+
+    def new_image(self):
+        account = self._session(write=True)
+        if isinstance(account, bottle.HTTPResponse):
+            return account
+        digest = str((bottle.request.json or {}).get('image_hash') or '')
+        if not re.fullmatch(r'[0-9a-f]{32}', digest):
+            return self._error(400, 400, '图片参数错误')
+        image = next((image for image in self.images.values() if image['hash'] == digest), None)
+        if image is not None and image['state'] == 'success':
+            return self._json({'upload_file': {'image_id': image['id'], 'object_key': image['key'], 'state': 1},
+                               'upload_vendor': 'ali'})
+        if image is None:   # bytes Zhihu has never seen; one that never finished uploading gets a fresh token
+            image = {'id': str(next(self.ids)), 'hash': digest, 'key': f'v2-{digest}', 'state': 'waiting',
+                     'polls_left': 0}
+            self.images[image['id']] = image
+        image['token'] = {'access_id': 'STS.' + secrets.token_hex(8), 'access_key': secrets.token_urlsafe(18),
+                          'access_token': secrets.token_urlsafe(24)}
+        return self._json({'upload_file': {'image_id': image['id'], 'object_key': image['key'], 'state': 2},
+                           'upload_token': image['token'], 'upload_vendor': 'ali'})
+
+    def put_picture(self, object_key):
+        """The upload host, as Aliyun OSS checks a signed PUT: the token's access id, its
+        security token, and the HMAC-SHA1 over the request's verb, type, date, x-oss headers
+        and bucket path."""
+        image = next((image for image in self.images.values() if image['key'] == object_key), None)
+        if image is None:
+            return self._oss_error(404, 'NoSuchUpload')
+        if self.fail_picture_upload > 0:
+            self.fail_picture_upload -= 1
+            if self.fail_picture_upload == 0:
+                return self._oss_error(500, 'InternalError')
+        headers = bottle.request.headers
+        token = image['token']
+        oss_headers = dict(sorted((name.lower(), value) for name, value in headers.items()
+                                  if name.lower().startswith('x-oss-')))
+        date = oss_headers.get('x-oss-date', headers.get('Date', ''))   # browsers may not set Date
+        lines = ['PUT', headers.get('Content-MD5', ''), headers.get('Content-Type', ''), date]
+        lines += [f'{name}:{value}' for name, value in oss_headers.items()] + [f'/zhihu-pics/{object_key}']
+        signed = '\n'.join(lines)
+        expected = base64.b64encode(hmac.new(token['access_key'].encode(), signed.encode(), hashlib.sha1).digest())
+        if headers.get('Authorization') != f'OSS {token["access_id"]}:{expected.decode()}' \
+                or headers.get('x-oss-security-token') != token['access_token']:
+            return self._oss_error(403, 'SignatureDoesNotMatch')
+        data = bottle.request.body.read()
+        self.stored_pictures[object_key] = (headers.get('Content-Type', ''), data)
+        self.picture_uploads.append(object_key)
+        return bottle.HTTPResponse(status=200, body='', headers={'ETag': f'"{hashlib.md5(data).hexdigest()}"'})
+
+    def image_uploaded(self, image_id):
+        account = self._session(write=True)
+        if isinstance(account, bottle.HTTPResponse):
+            return account
+        image = self.images.get(image_id)
+        if image is None or image['key'] not in self.stored_pictures:
+            return self._error(400, 400, '图片尚未上传')
+        image.update(state='processing', polls_left=self.processing_polls)
+        return self._json({'image_id': image_id})
+
+    def image_status(self, image_id):
+        account = self._session()
+        if isinstance(account, bottle.HTTPResponse):
+            return account
+        image = self.images.get(image_id)
+        if image is None:
+            return self._error(404, 404, '图片不存在')
+        if image['state'] == 'processing':
+            if image['polls_left'] > 0:
+                image['polls_left'] -= 1
+            else:
+                image['state'] = 'success'
+        return self._json({'image_id': image_id, 'status': image['state'], 'original_hash': image['hash']})
+
+    def get_picture(self, object_key, extension):
+        stored = self.stored_pictures.get(object_key)
+        if stored is None:
+            return bottle.HTTPResponse(status=404, body='')
+        mime, data = stored
+        return bottle.HTTPResponse(status=200, body=data, headers={'Content-Type': mime})
+
+    def _oss_error(self, status, code):
+        return bottle.HTTPResponse(status=status, body=f'<?xml version="1.0"?><Error><Code>{code}</Code></Error>',
+                                   headers={'Content-Type': 'application/xml'})
 
     # -- answers --------------------------------------------------------------------------
 
