@@ -5,6 +5,7 @@ the session's CSRF token in the X-CSRF-Token header), so the page needs no other
 Every error answers in one JSON shape with the status and code `errors.http_error` gives it.
 """
 
+import datetime
 import functools
 import json
 import logging
@@ -18,7 +19,8 @@ import errors
 import tasks
 from db import DatabaseUnavailable
 from errors import BodyTooLarge, Forbidden, InvalidRequest, NotFound, Unauthorized
-from web import attempt_json, json_error, json_error_body, json_ok, retry_after_header, task_json, task_list_query
+from web import (attempt_json, iso8601, json_error, json_error_body, json_ok, retry_after_header, task_json,
+                 task_list_query)
 
 log = logging.getLogger('topn.api')
 
@@ -51,7 +53,8 @@ def error_answer(error):
     headers = retry_after_header(retry_after)
     if status == 401:
         headers['WWW-Authenticate'] = 'Bearer'
-    return json_error(status, code, errors.message_of(error, code), headers, getattr(error, 'article', None))
+    return json_error(status, code, errors.message_of(error, code), headers, getattr(error, 'article', None),
+                      getattr(error, 'platform', None))
 
 
 def routing_error_answer(error):
@@ -142,6 +145,11 @@ class Api:
     def create_batch(self):
         user = self.current_user()
         task_ids = self.scheduler.submit_batch(user['id'], self.json_body())
+        first = self.db.task_for_user(user['id'], task_ids[0])
+        if first is not None and first['status'] == tasks.SCHEDULED:
+            publish_at = iso8601(first['publish_at'])
+            return json_ok(task_ids=task_ids, publish_at=publish_at,
+                           message=f'{len(task_ids)} tasks scheduled for {publish_at}')
         return json_ok(task_ids=task_ids, message=f'{len(task_ids)} tasks queued')
 
     def tasks_status(self):
@@ -233,12 +241,17 @@ def prometheus_text(metrics):
             label_text = ','.join(f'{key}="{_prometheus_label(text)}"' for key, text in labels.items())
             lines.append(f'topn_{name}{{{label_text}}} {value}' if label_text else f'topn_{name} {value}')
 
-    gauge('active_users', 'Users with unfinished tasks.', [({}, metrics['active_users'])])
+    gauge('active_users', 'Users with tasks queued or running.', [({}, metrics['active_users'])])
     gauge('tasks', 'Tasks by status.', [({'status': status}, n) for status, n in metrics['tasks_by_status'].items()])
     gauge('running_tasks', 'Tasks being published now.', [({}, metrics['running_tasks'])])
     gauge('queue_length', 'Task ids queued in Redis, per user.',
           [({'user': user}, n) for user, n in sorted(metrics['queue_length_per_user'].items())])
     gauge('waiting_retries', 'Tasks waiting out a retry backoff.', [({}, metrics['waiting_retries'])])
+    gauge('scheduled_tasks', 'Tasks waiting for their publish_at, per user.',
+          [({'user': user}, n) for user, n in sorted(metrics['scheduled_per_user'].items())])
+    next_due = metrics['next_scheduled_at']
+    gauge('next_scheduled_timestamp_seconds', 'When the next scheduled task is due (Unix time).',
+          [({}, next_due and round(next_due.replace(tzinfo=datetime.timezone.utc).timestamp(), 3))])
     gauge('success_ratio', 'Published tasks among finished ones (success or failed).', [({}, metrics['success_rate'])])
     gauge('task_seconds_avg', 'Average time of a published task, start to finish.',
           [({}, metrics['avg_task_seconds'])])

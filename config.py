@@ -37,6 +37,7 @@ class Config:
     user_max_active: int = 10
     user_rate: int = 20
     user_rate_window: int = 60
+    user_max_scheduled: int = 100
     batch_max: int = 10
     title_max_chars: int = 500
     body_max_bytes: int = 1024 * 1024
@@ -113,6 +114,7 @@ class Config:
         _require(self.web_threads >= 1, 'TOPN_WEB_THREADS', 'must be 1 or more')
         _require(self.user_max_active >= 1, 'TOPN_USER_MAX_ACTIVE', 'must be 1 or more')
         _require(self.user_rate >= 1, 'TOPN_USER_RATE', 'must be 1 or more')
+        _require(self.user_max_scheduled >= 0, 'TOPN_USER_MAX_SCHEDULED', 'must be 0 or more')
         _require(self.batch_max >= 1, 'TOPN_BATCH_MAX', 'must be 1 or more')
         _require(self.max_retries >= 0, 'TOPN_MAX_RETRIES', 'must be 0 or more')
         _require(self.retry_backoff >= 0, 'TOPN_RETRY_BACKOFF', 'must be 0 or more')

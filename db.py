@@ -24,7 +24,7 @@ import time
 import pymysql
 import pymysql.cursors
 
-from tasks import FINISHED, UNFINISHED
+from tasks import ACTIVE, FINISHED, SCHEDULED
 
 SCHEMA_PATH = pathlib.Path(__file__).with_name('schema.sql')
 CONNECTION_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, ConnectionError, OSError)
@@ -180,6 +180,11 @@ class Database:
             cur.execute('UPDATE users SET token_hash = %s WHERE id = %s', (token_hash, user_id))
 
     @reconnects
+    def set_user_password(self, user_id, password_hash):
+        with self.transaction() as cur:
+            cur.execute('UPDATE users SET password_hash = %s WHERE id = %s', (password_hash, user_id))
+
+    @reconnects
     def user_by_token_hash(self, token_hash):
         with self.transaction() as cur:
             cur.execute('SELECT id, name, is_admin, is_vip FROM users WHERE token_hash = %s', (token_hash,))
@@ -298,22 +303,38 @@ class Database:
         return cur.fetchone()
 
     @staticmethod
-    def count_unfinished(cur, user_id):
+    def count_active(cur, user_id, platform):
+        """The user's tasks on `platform` that are queued or running (scheduled ones are not)."""
         cur.execute(
-            'SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s AND status IN %s',
-            (user_id, UNFINISHED))
+            'SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s AND platform = %s AND status IN %s',
+            (user_id, platform, ACTIVE))
         return cur.fetchone()['n']
 
     @staticmethod
-    def created_in_window(cur, user_id, seconds):
-        """How many tasks the user created in the last `seconds`, and when the oldest leaves the window."""
+    def count_scheduled(cur, user_id):
+        cur.execute("SELECT COUNT(*) AS n FROM publish_tasks WHERE user_id = %s AND status = 'scheduled'",
+                    (user_id,))
+        return cur.fetchone()['n']
+
+    @staticmethod
+    def created_in_window(cur, user_id, platform, seconds):
+        """How many tasks on `platform` the user created in the last `seconds`, and when the
+        oldest of them leaves the window."""
         cur.execute(
             'SELECT COUNT(*) AS n, '
             'TIMESTAMPDIFF(MICROSECOND, NOW(3), MIN(created_at) + INTERVAL %s SECOND) / 1e6 AS leaves_in '
-            'FROM publish_tasks WHERE user_id = %s AND created_at > NOW(3) - INTERVAL %s SECOND',
-            (seconds, user_id, seconds))
+            'FROM publish_tasks WHERE user_id = %s AND platform = %s AND created_at > NOW(3) - INTERVAL %s SECOND',
+            (seconds, user_id, platform, seconds))
         row = cur.fetchone()
         return row['n'], float(row['leaves_in'] or 0)
+
+    @staticmethod
+    def platforms_with_account(cur, user_id, platforms):
+        if not platforms:
+            return set()
+        cur.execute('SELECT platform FROM platform_accounts WHERE user_id = %s AND platform IN %s',
+                    (user_id, tuple(platforms)))
+        return {row['platform'] for row in cur.fetchall()}
 
     @staticmethod
     def owned_article_ids(cur, user_id, article_ids):
@@ -324,11 +345,15 @@ class Database:
 
     @staticmethod
     def insert_tasks(cur, rows):
+        """Rows with a `publish_at` (naive UTC) are scheduled for then; the others are pending."""
         cur.executemany(
             'INSERT INTO publish_tasks (task_id, user_id, article_id, article_title, article_content, '
-            'platform, priority, max_retries, topics) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)',
+            'platform, priority, max_retries, topics, status, publish_at, batch_id, article_index) '
+            'VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)',
             [(r['task_id'], r['user_id'], r['article_id'], r['title'], r['content'],
-              r['platform'], r['priority'], r['max_retries'], _json_or_null(r.get('topics'))) for r in rows])
+              r['platform'], r['priority'], r['max_retries'], _json_or_null(r.get('topics')),
+              SCHEDULED if r.get('publish_at') else 'pending', r.get('publish_at'),
+              r.get('batch_id'), r.get('article_index')) for r in rows])
 
     @staticmethod
     def insert_pictures(cur, task_id, pictures):
@@ -368,11 +393,11 @@ class Database:
 
     @reconnects
     def cancel_queued(self, user_id, task_id):
-        """Cancel a task that no worker holds. True when this call cancelled it."""
+        """Cancel a task that no worker holds (queued or scheduled). True when this call cancelled it."""
         with self.transaction() as cur:
             cur.execute(
                 "UPDATE publish_tasks SET status = 'cancelled', completed_at = NOW(3), next_attempt_at = NULL "
-                "WHERE user_id = %s AND task_id = %s AND status IN ('pending', 'retry')",
+                "WHERE user_id = %s AND task_id = %s AND status IN ('pending', 'retry', 'scheduled')",
                 (user_id, task_id))
             return cur.rowcount == 1
 
@@ -388,10 +413,11 @@ class Database:
 
     @staticmethod
     def task_status(cur, user_id, task_id):
-        cur.execute('SELECT status FROM publish_tasks WHERE user_id = %s AND task_id = %s FOR UPDATE',
+        """(status, platform) of the user's task, locked until commit; (None, None) when there is none."""
+        cur.execute('SELECT status, platform FROM publish_tasks WHERE user_id = %s AND task_id = %s FOR UPDATE',
                     (user_id, task_id))
         row = cur.fetchone()
-        return row['status'] if row else None
+        return (row['status'], row['platform']) if row else (None, None)
 
     @staticmethod
     def reopen_task(cur, user_id, task_id):
@@ -574,6 +600,22 @@ class Database:
             return cur.fetchall()
 
     @reconnects
+    def promote_due_scheduled(self, limit=1000):
+        """Turn scheduled tasks whose `publish_at` has come into pending ones, and return
+        them (task_id, user_id, priority) to be queued. The rows are locked first, so two
+        reapers at once promote each task once."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT task_id, user_id, priority FROM publish_tasks "
+                "WHERE status = 'scheduled' AND publish_at <= NOW(3) ORDER BY publish_at, id LIMIT %s FOR UPDATE",
+                (limit,))
+            due = cur.fetchall()
+            if due:
+                cur.execute("UPDATE publish_tasks SET status = 'pending' WHERE status = 'scheduled' AND task_id IN %s",
+                            (tuple(row['task_id'] for row in due),))
+            return due
+
+    @reconnects
     def claimable_tasks(self, task_id=None, unchanged_for=0.0):
         """Tasks that should be in Redis (all, or just `task_id` if it is one, or those whose
         row has not changed for `unchanged_for` seconds): task_id, user_id, priority, and
@@ -616,13 +658,21 @@ class Database:
             cur.execute('SELECT status, COUNT(*) AS n FROM publish_tasks GROUP BY status')
             by_status = {row['status']: row['n'] for row in cur.fetchall()}
             cur.execute(
-                "SELECT COUNT(DISTINCT user_id) AS n FROM publish_tasks WHERE status IN %s", (UNFINISHED,))
+                "SELECT COUNT(DISTINCT user_id) AS n FROM publish_tasks WHERE status IN %s", (ACTIVE,))
             active_users = cur.fetchone()['n']
             cur.execute(
                 "SELECT AVG(TIMESTAMPDIFF(MICROSECOND, started_at, completed_at)) / 1e6 AS avg_seconds "
                 "FROM publish_tasks WHERE status = 'success'")
             avg = cur.fetchone()['avg_seconds']
         return by_status, active_users, float(avg) if avg is not None else None
+
+    @reconnects
+    def scheduled_figures(self):
+        """{user_id: (scheduled tasks, the earliest publish_at)} of users with scheduled tasks."""
+        with self.transaction() as cur:
+            cur.execute("SELECT user_id, COUNT(*) AS n, MIN(publish_at) AS next_due FROM publish_tasks "
+                        "WHERE status = 'scheduled' GROUP BY user_id")
+            return {row['user_id']: (row['n'], row['next_due']) for row in cur.fetchall()}
 
     # -- web pages: sessions, the task table, recent failures ------------------------
 
@@ -690,7 +740,7 @@ class Database:
 TASK_COLUMNS = (
     'task_id, user_id, article_id, article_title, platform, priority, status, progress, result_url, '
     'error_message, retry_count, max_retries, created_at, started_at, completed_at, updated_at, '
-    'topics, result_note')
+    'topics, result_note, publish_at, batch_id, article_index')
 
 
 def _json_or_null(value):

@@ -14,12 +14,13 @@ from db import DatabaseUnavailable
 class Refused(Exception):
     status = 400
 
-    def __init__(self, code, message, retry_after=None, article=None):
+    def __init__(self, code, message, retry_after=None, article=None, platform=None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
         self.article = article  # which article of a batch (from 0), when one is at fault
+        self.platform = platform  # which platform of a batch, when one is at fault
 
 
 class InvalidRequest(Refused):

@@ -63,7 +63,7 @@ UPLOAD_SUFFIXES = ('.md', '.markdown', '.txt')
 PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.gif', '.webp')
 
 STATUS_LABELS = {'pending': '等待中', 'running': '发布中', 'success': '已发布', 'failed': '失败',
-                 'retry': '等待重试', 'cancelled': '已取消'}
+                 'retry': '等待重试', 'cancelled': '已取消', 'scheduled': '定时发布'}
 OUTCOME_LABELS = {'running': '进行中', 'success': '成功', 'failed': '失败', 'timeout': '超时',
                   'lost': '工作进程中断', 'unknown': '结果未知', 'cancelled': '已取消'}
 LOGIN_FIELD_LABELS = {'cookies': ('登录 Cookie', 'cookies'), 'site': ('网站地址', 'url'),
@@ -90,11 +90,16 @@ SENTENCES = {
     'invalid_article_id': '{where}关联的文章编号无效。',
     'article_not_found': '关联的文章不存在。',
     'unknown_platform': '请选择要发布到的平台。',
-    'no_account': '你还没有添加这个平台的账号，请先到“平台账号”页保存登录 Cookie。',
+    'no_account': '你还没有添加{platform}的账号，请先到“平台账号”页保存登录。',
+    'duplicate_platform': '同一个平台只能选一次。',
+    'invalid_publish_at': '定时发布的时间写得不对，请用页面上的日期时间选择。',
+    'publish_at_in_past': '定时发布的时间已经过去了；要立即发布请留空。',
+    'publish_at_too_far': '定时发布最多只能安排在 90 天以内。',
+    'too_many_scheduled': '同时最多只能有 {max_scheduled} 个定时任务，提交这一批会超出上限。',
     'invalid_priority': '请选择“普通”或“加急”。',
     'invalid_topics': '话题写得不对：最多 {topics_max} 个，用逗号分开，每个不超过 {topic_chars} 个字。',
-    'too_many_active': '同时最多只能有 {max_active} 个未完成的任务，提交这一批会超出上限；请等前面的任务完成后再提交。',
-    'rate_limited': '每 {window} 秒最多新建 {rate} 个任务，已经达到上限；请 {retry_after} 秒后再提交。',
+    'too_many_active': '每个平台同时最多只能有 {max_active} 个未完成的任务，提交这一批会让{platform}超出上限；请等前面的任务完成后再提交。',
+    'rate_limited': '每个平台每 {window} 秒最多新建 {rate} 个任务，{platform}已经达到上限；请 {retry_after} 秒后再提交。',
     'body_too_large': '提交的内容太大了：一次最多 {request_mib} MB。',
     'invalid_form': '表单内容不完整，请刷新页面后重试。',
     'csrf_failed': '页面已过期，请刷新页面后重试。',
@@ -144,6 +149,7 @@ class TaskRow:
     max_attempts: int
     created_at: datetime.datetime
     completed_at: datetime.datetime
+    publish_at: datetime.datetime
     url: str
     note: str
     error: str
@@ -177,7 +183,7 @@ class Pages:
         self.templates.filters['iso'] = web.iso8601
         self.templates.globals.update(
             htmx_js=f'/static/{HTMX_FILE}', status_labels=STATUS_LABELS, outcome_labels=OUTCOME_LABELS,
-            batch_max=config.batch_max)
+            batch_max=config.batch_max, zone_label=zone_label(self.timezone))
 
     def mount(self, app):
         routes = [
@@ -264,6 +270,8 @@ class Pages:
             'image_mib': round(config.image_max_bytes / 1024 / 1024, 1), 'image_count': config.image_max_count,
             'detail': getattr(error, 'message', ''),
             'topics_max': TOPICS_MAX, 'topic_chars': TOPIC_MAX_CHARS,
+            'max_scheduled': config.user_max_scheduled,
+            'platform': f'「{self.platform_label(error.platform)}」' if getattr(error, 'platform', None) else '这个平台',
         }
         return SENTENCES.get(code, UNKNOWN_REFUSAL).format(code=code, **fields)
 
@@ -373,7 +381,8 @@ class Pages:
     def submit_batch(self):
         user = self.acting_user()
         form = self.form()
-        platform, priority = form_text(form, 'platform'), form_text(form, 'priority', 'normal')
+        platforms, priority = form_texts(form, 'platform'), form_text(form, 'priority', 'normal')
+        publish_at = form_text(form, 'publish_at').strip()
         articles = [slot for slot in typed_slots(form) if slot['title'].strip() or slot['content'].strip()]
         pictures = {}
         topics = form_text(form, 'topics')
@@ -381,29 +390,40 @@ class Pages:
             pictures = self.form_pictures(form)
             articles += self.uploaded_articles()
             task_ids = self.submit(user, [{**article, 'topics': topic_names(topics)}
-                                          for article in with_pictures(articles, pictures)], platform, priority)
+                                          for article in with_pictures(articles, pictures)],
+                                   platforms, priority, publish_at)
         except Refused as refusal:
-            context = self.form_context(user, articles, platform, priority, Notice('error', self.sentence(refusal)),
-                                        bad_slot=refusal.article, pictures=pictures)
+            context = self.form_context(user, articles, platforms, priority, Notice('error', self.sentence(refusal)),
+                                        bad_slot=refusal.article, pictures=pictures, publish_at=publish_at)
             context['chosen_topics'] = topics
             headers = {'Retry-After': str(refusal.retry_after)} if refusal.retry_after else {}
             return self.form_answer(user, context, refusal.status, headers)
         log.info('user %s submitted %d tasks from the page', user['name'], len(task_ids))
         if not is_htmx():
             return see_other('/')
-        notice = Notice('ok', f'已提交 {len(task_ids)} 篇文章，下面的表格会实时显示发布进度。')
-        context = self.form_context(user, platform=platform, notice=notice)
+        context = self.form_context(user, platforms=platforms, notice=self.submitted_notice(user, task_ids))
         return self.form_answer(user, context, 200, {'HX-Trigger': 'tasks-changed'})
 
-    def submit(self, user, articles, platform, priority):
+    def submit(self, user, articles, platforms, priority, publish_at=''):
         """Admission as the API does it (all or nothing; a refused article is named by its
-        index), after checking that the platform has a stored login."""
-        if not platform:
+        index), after checking that each platform chosen has a stored login."""
+        if not platforms:
             raise InvalidRequest('unknown_platform', 'choose a platform')
-        if platform not in dict(self.account_platforms(user)):
-            raise InvalidRequest('no_account', f'no {platform} login is stored for this user')
-        return self.scheduler.submit_batch(user['id'], {'platform': platform, 'priority': priority,
-                                                        'articles': articles})
+        stored = dict(self.account_platforms(user))
+        for platform in platforms:
+            if platform not in stored:
+                raise InvalidRequest('no_account', f'no {platform} login is stored for this user', platform=platform)
+        payload = {'platforms': platforms, 'priority': priority, 'articles': articles}
+        if publish_at:
+            payload['publish_at'] = publish_at
+        return self.scheduler.submit_batch(user['id'], payload)
+
+    def submitted_notice(self, user, task_ids):
+        first = self.db.task_for_user(user['id'], task_ids[0])
+        if first is not None and first['status'] == tasks.SCHEDULED:
+            return Notice('ok', f'已安排 {len(task_ids)} 个发布任务，将于 {self.local_time(first["publish_at"])}'
+                                f'（{zone_label(self.timezone)}）开始发布。')
+        return Notice('ok', f'已提交 {len(task_ids)} 个发布任务，下面的表格会实时显示发布进度。')
 
     def refresh_batch_form(self):
         """The form again, changed as asked: files read into articles, one more article,
@@ -435,8 +455,8 @@ class Pages:
             slots = slots[:limit]
         elif uploaded and notice is None:
             notice = Notice('ok', f'已从 {len(uploaded)} 个文件读入文章，请检查后发布。')
-        context = self.form_context(user, slots, form_text(form, 'platform'), form_text(form, 'priority', 'normal'),
-                                    notice, pictures=pictures)
+        context = self.form_context(user, slots, form_texts(form, 'platform'), form_text(form, 'priority', 'normal'),
+                                    notice, pictures=pictures, publish_at=form_text(form, 'publish_at'))
         context['chosen_topics'] = form_text(form, 'topics')
         return self.form_answer(user, context, 200)
 
@@ -481,14 +501,16 @@ class Pages:
             upload.file.seek(0)
         return pictures
 
-    def form_context(self, user, slots=None, platform='', priority='normal', notice=None, bad_slot=None,
-                     pictures=None):
-        platforms = self.account_platforms(user)
+    def form_context(self, user, slots=None, platforms=(), priority='normal', notice=None, bad_slot=None,
+                     pictures=None, publish_at=''):
+        stored = self.account_platforms(user)
         return {
             'pictures': sorted((pictures or {}).items()),
             'slots': slots or [{'title': '', 'content': ''}],
-            'platforms': platforms,
-            'chosen_platform': platform or (platforms[0][0] if platforms else ''),
+            'platforms': stored,
+            'chosen_platforms': list(platforms) or [name for name, _ in stored[:1]],
+            'chosen_publish_at': publish_at,
+            'earliest_publish_at': datetime.datetime.now(self.timezone).strftime('%Y-%m-%dT%H:%M'),
             'chosen_priority': priority,
             'chosen_topics': '',
             'form_notice': notice,
@@ -529,7 +551,8 @@ class Pages:
         if limit != TASKS_PER_PAGE:
             query['limit'] = limit
         return {
-            'tasks': [self.task_view(row, evidence.get(row['task_id'], ())) for row in rows],
+            'article_groups': article_groups([self.task_view(row, evidence.get(row['task_id'], ())) for row in rows],
+                                             rows),
             'counts': counts,
             'total_tasks': sum(counts.values()),
             'status_filter': status or '',
@@ -554,6 +577,7 @@ class Pages:
             max_attempts=row['max_retries'] + 1,
             created_at=row['created_at'],
             completed_at=row['completed_at'],
+            publish_at=row['publish_at'] if status == tasks.SCHEDULED else None,
             url=web_url(row['result_url']),
             note=row['result_note'] if status == tasks.SUCCESS else None,
             error=row['error_message'] if status in (tasks.FAILED, tasks.RETRY, tasks.CANCELLED) else None,
@@ -741,6 +765,27 @@ def with_pictures(articles, pictures):
         given = {source: pictures.get(source, pictures.get(source.rsplit('/', 1)[-1])) for source in wanted}
         found.append({**article, 'images': {source: data for source, data in given.items() if data is not None}})
     return found
+
+
+def article_groups(views, rows):
+    """The rows of the task table, an article's tasks on each platform together: [[TaskRow]],
+    newest article first. The rows come newest first, so each group is turned round to
+    show its platforms in the order they were chosen. A task without a batch is alone."""
+    groups, last_key = [], None
+    for view, row in zip(views, rows):
+        key = (row['batch_id'], row['article_index']) if row['batch_id'] else row['task_id']
+        if groups and key == last_key:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+        last_key = key
+    return [group[::-1] for group in groups]
+
+
+def zone_label(zone):
+    """How the pages name the zone their times are in: 'Asia/Shanghai, UTC+08:00'."""
+    offset = datetime.datetime.now(zone).strftime('%z')
+    return f'{zone.key}, UTC{offset[:3]}:{offset[3:]}'
 
 
 def topic_names(text):

@@ -19,6 +19,7 @@ path and may lose everything at any moment without losing a task:
   whenever Redis lost them (and every `reconcile_interval` as a safety net).
 """
 
+import datetime
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import random
 import shutil
 import time
 import uuid
+import zoneinfo
 
 import redis
 
@@ -41,6 +43,8 @@ RECONCILE_SETTLE = 5.0
 CLEANUP_INTERVAL = 600.0
 TOPICS_MAX = 5
 TOPIC_MAX_CHARS = 50
+SCHEDULE_GRACE = 10.0  # a publish_at this many seconds past is "now" (clocks and typing differ a little)
+SCHEDULE_MAX_AHEAD = datetime.timedelta(days=90)
 
 
 # -- Redis keys ----------------------------------------------------------------------
@@ -156,6 +160,32 @@ def validate_topics(topics):
     return names or None
 
 
+def parse_publish_at(raw, timezone, now=None):
+    """When a batch is to go out, as an aware UTC time, or None for now.
+
+    ISO 8601; a time without an offset is read in `timezone` (the zone the pages show).
+    Raises InvalidRequest for what is not a time, is in the past, or is too far ahead."""
+    if raw is None or raw == '':
+        return None
+    if not isinstance(raw, str):
+        raise InvalidRequest('invalid_publish_at', 'publish_at must be a time such as 2026-12-04T09:00:00+08:00')
+    try:
+        when = datetime.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise InvalidRequest('invalid_publish_at',
+                             f'publish_at {raw[:40]!r} is not a time such as 2026-12-04T09:00:00+08:00') from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=zoneinfo.ZoneInfo(timezone))
+    when = when.astimezone(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if when < now - datetime.timedelta(seconds=SCHEDULE_GRACE):
+        raise InvalidRequest('publish_at_in_past', f'publish_at {raw[:40]} has already passed')
+    if when > now + SCHEDULE_MAX_AHEAD:
+        raise InvalidRequest('publish_at_too_far',
+                             f'publish_at may be at most {SCHEDULE_MAX_AHEAD.days} days ahead, not {raw[:40]}')
+    return when if when > now else None
+
+
 def connect_redis(url):
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3, decode_responses=True)
 
@@ -166,6 +196,7 @@ class Scheduler:
         self.db = db
         self.redis = redis_client
         self.platforms = frozenset(platforms)
+        self.login_platforms = frozenset(name for name, publisher in platforms.items() if publisher.needs_browser)
         self.keys = Keys(config.redis_prefix)
         self._enqueue = redis_client.register_script(ENQUEUE_LUA)
         self._claim = redis_client.register_script(CLAIM_LUA)
@@ -176,22 +207,27 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------
 
     def submit_batch(self, user_id, payload):
-        """Accept a whole batch or refuse it whole. Returns the new task ids in order."""
-        articles, platform, priority = self.validate_batch(payload)
+        """Accept a whole batch or refuse it whole. Returns the new task ids, one per
+        (article, platform), article by article. A batch with a `publish_at` ahead is
+        stored as scheduled and queued by the reaper when it is due."""
+        articles, platforms, priority, publish_at = self.validate_batch(payload)
         self.redis.ping()
+        due = publish_at and publish_at.replace(tzinfo=None)
+        batch_id = str(uuid.uuid4())
         rows = [{
             'task_id': str(uuid.uuid4()), 'user_id': user_id, 'article_id': article.get('article_id'),
             'title': article['title'], 'content': article['content'], 'platform': platform,
             'priority': priority, 'max_retries': self.config.max_retries, 'pictures': article['pictures'],
-            'topics': article['topics'],
-        } for article in articles]
+            'topics': article['topics'], 'publish_at': due, 'batch_id': batch_id, 'article_index': index,
+        } for index, article in enumerate(articles) for platform in platforms]
 
         def admit(cur):
             user = self.db.lock_user(cur, user_id)
             if user is None:
                 raise NotFound('user_not_found', 'this user no longer exists')
+            self._check_accounts(cur, user_id, platforms)
             self._check_articles_owned(cur, user_id, rows)
-            self._check_limits(cur, user_id, len(rows))
+            self._check_limits(cur, user_id, platforms, len(articles), scheduled=due is not None)
             self.db.insert_tasks(cur, rows)
             for row in rows:
                 self.db.insert_pictures(cur, row['task_id'], row['pictures'])
@@ -199,7 +235,8 @@ class Scheduler:
 
         user = self.db.run_transaction(admit)
         task_ids = [row['task_id'] for row in rows]
-        self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == tasks.URGENT)
+        if due is None:
+            self._enqueue_after_commit(user_id, bool(user['is_vip']), task_ids, priority == tasks.URGENT)
         return task_ids
 
     def validate_batch(self, payload):
@@ -212,10 +249,8 @@ class Scheduler:
             raise InvalidRequest(
                 'batch_too_large',
                 f'a batch holds at most {self.config.batch_max} articles, this one has {len(articles)}')
-        platform = payload.get('platform')
-        if not isinstance(platform, str) or platform not in self.platforms:
-            raise InvalidRequest(
-                'unknown_platform', f'unknown platform {platform!r}; known: {", ".join(sorted(self.platforms))}')
+        platforms = self._validate_platforms(payload)
+        publish_at = parse_publish_at(payload.get('publish_at'), self.config.display_timezone)
         priority = payload.get('priority') or tasks.NORMAL
         if priority not in tasks.PRIORITIES:
             raise InvalidRequest('invalid_priority', f'priority must be one of {", ".join(tasks.PRIORITIES)}')
@@ -224,7 +259,28 @@ class Scheduler:
         except ValueError as error:
             raise InvalidRequest('invalid_topics', str(error)) from None
         validated = [self._validate_article(i, article, topics) for i, article in enumerate(articles)]
-        return validated, platform, priority
+        return validated, platforms, priority, publish_at
+
+    def _validate_platforms(self, payload):
+        """The batch's platforms, in the order given: `platform` (one name) or `platforms` (a list)."""
+        if 'platform' in payload and 'platforms' in payload:
+            raise InvalidRequest('platform_and_platforms', 'give either "platform" or "platforms", not both')
+        if 'platforms' in payload:
+            platforms = payload['platforms']
+            if not isinstance(platforms, list) or not platforms:
+                raise InvalidRequest('invalid_platforms', '"platforms" must be a list of one or more platform names')
+        else:
+            platforms = [payload.get('platform')]
+        for platform in platforms:
+            if not isinstance(platform, str) or platform not in self.platforms:
+                raise InvalidRequest(
+                    'unknown_platform', f'unknown platform {platform!r}; known: {", ".join(sorted(self.platforms))}',
+                    platform=platform if isinstance(platform, str) else None)
+        repeated = sorted({platform for platform in platforms if platforms.count(platform) > 1})
+        if repeated:
+            raise InvalidRequest('duplicate_platform', f'the platform {repeated[0]} is listed twice',
+                                 platform=repeated[0])
+        return platforms
 
     def _validate_article(self, index, article, batch_topics=None):
         """The article as it will be stored, or InvalidRequest naming it (`article` = index).
@@ -269,24 +325,47 @@ class Scheduler:
         if missing:
             raise NotFound('article_not_found', f'no article with id {min(missing)}')
 
-    def _check_limits(self, cur, user_id, adding):
-        self._check_active_limit(cur, user_id, adding)
-        recent, oldest_leaves_in = self.db.created_in_window(cur, user_id, self.config.user_rate_window)
-        if recent + adding > self.config.user_rate:
-            raise LimitReached(
-                'rate_limited',
-                f'you created {recent} tasks in the last {self.config.user_rate_window} s and at most '
-                f'{self.config.user_rate} are allowed in that time',
-                retry_after=max(1, math.ceil(oldest_leaves_in)))
+    def _check_accounts(self, cur, user_id, platforms):
+        """Every platform that publishes through a login needs the user's stored login."""
+        needing = [platform for platform in platforms if platform in self.login_platforms]
+        stored = self.db.platforms_with_account(cur, user_id, needing)
+        for platform in needing:
+            if platform not in stored:
+                raise InvalidRequest('no_account', f'no {platform} login is stored for you; add it first',
+                                     platform=platform)
 
-    def _check_active_limit(self, cur, user_id, adding):
-        unfinished = self.db.count_unfinished(cur, user_id)
-        if unfinished + adding > self.config.user_max_active:
+    def _check_limits(self, cur, user_id, platforms, adding, scheduled=False):
+        """The per-user limits, counted per platform: `adding` tasks on each of `platforms`.
+        Scheduled tasks count against a limit of their own instead of the unfinished one."""
+        if scheduled:
+            self._check_scheduled_limit(cur, user_id, adding * len(platforms))
+        for platform in platforms:
+            if not scheduled:
+                self._check_active_limit(cur, user_id, platform, adding)
+            recent, oldest_leaves_in = self.db.created_in_window(cur, user_id, platform, self.config.user_rate_window)
+            if recent + adding > self.config.user_rate:
+                raise LimitReached(
+                    'rate_limited',
+                    f'you created {recent} tasks on {platform} in the last {self.config.user_rate_window} s and '
+                    f'at most {self.config.user_rate} are allowed in that time',
+                    retry_after=max(1, math.ceil(oldest_leaves_in)), platform=platform)
+
+    def _check_active_limit(self, cur, user_id, platform, adding):
+        active = self.db.count_active(cur, user_id, platform)
+        if active + adding > self.config.user_max_active:
             raise LimitReached(
                 'too_many_active',
-                f'you have {unfinished} unfinished tasks and at most {self.config.user_max_active} may be '
-                f'unfinished at once; wait for some to finish before adding {adding} more',
-                retry_after=10)
+                f'you have {active} unfinished tasks on {platform} and at most {self.config.user_max_active} '
+                f'may be unfinished at once; wait for some to finish before adding {adding} more',
+                retry_after=10, platform=platform)
+
+    def _check_scheduled_limit(self, cur, user_id, adding):
+        scheduled = self.db.count_scheduled(cur, user_id)
+        if scheduled + adding > self.config.user_max_scheduled:
+            raise LimitReached(
+                'too_many_scheduled',
+                f'you have {scheduled} scheduled tasks and at most {self.config.user_max_scheduled} may wait '
+                f'for their time at once; this batch would add {adding}')
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -442,13 +521,13 @@ class Scheduler:
 
         def reopen(cur):
             user = self.db.lock_user(cur, user_id)
-            status = self.db.task_status(cur, user_id, task_id)
+            status, platform = self.db.task_status(cur, user_id, task_id)
             if status is None:
                 raise NotFound('task_not_found', f'no task {task_id}')
             if status not in tasks.REOPENABLE:
                 raise Conflict('task_not_retryable',
                                f'only failed or cancelled tasks can be retried; this one is {status}')
-            self._check_active_limit(cur, user_id, 1)
+            self._check_active_limit(cur, user_id, platform, 1)
             self.db.reopen_task(cur, user_id, task_id)
             return user
 
@@ -467,11 +546,27 @@ class Scheduler:
             self.rebuild_queues()
         elif now - self._last_reconcile >= self.config.reconcile_interval:
             self.rebuild_queues(settled_only=True)
+        self.queue_due_scheduled()
         self.promote_due_retries()
         if now - self._last_cleanup >= CLEANUP_INTERVAL:
             self.delete_expired_tasks()
             self._last_cleanup = now
         return self.requeue_overdue_attempts()
+
+    def queue_due_scheduled(self):
+        """Queue the scheduled tasks whose time has come. MySQL turns them pending first, so
+        a Redis failure right after loses none: the next rebuild queues pending tasks."""
+        due = self.db.promote_due_scheduled()
+        if not due:
+            return 0
+        vips = self.db.vip_user_ids()
+        by_user = {}
+        for row in due:
+            by_user.setdefault((row['user_id'], row['priority'] == tasks.URGENT), []).append(row['task_id'])
+        for (user_id, urgent), task_ids in by_user.items():
+            self._enqueue_after_commit(user_id, user_id in vips, task_ids, urgent)
+        log.info('%d scheduled tasks are due and queued', len(due))
+        return len(due)
 
     def delete_expired_tasks(self):
         """Old finished tasks go after TOPN_RETENTION_DAYS, their evidence with them."""
@@ -549,7 +644,8 @@ class Scheduler:
         by_status, active_users, avg_seconds = self.db.task_figures()
         finished = by_status.get(tasks.SUCCESS, 0) + by_status.get(tasks.FAILED, 0)
         queues = self.queue_lengths()
-        names = self.db.user_names(list(queues))
+        scheduled = self.db.scheduled_figures()
+        names = self.db.user_names(list(queues) + list(scheduled))
         return {
             'active_users': active_users,
             'total_tasks': sum(by_status.values()),
@@ -557,6 +653,8 @@ class Scheduler:
             'tasks_by_status': {status: by_status.get(status, 0) for status in tasks.STATUSES},
             'queue_length_per_user': {names.get(user_id, str(user_id)): n for user_id, n in queues.items()},
             'waiting_retries': self.redis.zcard(self.keys.delayed),
+            'scheduled_per_user': {names.get(user_id, str(user_id)): n for user_id, (n, _) in scheduled.items()},
+            'next_scheduled_at': min((due for _, due in scheduled.values()), default=None),
             'success_rate': round(by_status.get(tasks.SUCCESS, 0) / finished, 4) if finished else None,
             'avg_task_seconds': round(avg_seconds, 3) if avg_seconds is not None else None,
             'browser_pool': self.pool_usage(),

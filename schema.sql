@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS publish_tasks (
     article_content  MEDIUMTEXT   NOT NULL,
     platform         VARCHAR(32)  NOT NULL,
     priority         ENUM('normal', 'urgent') NOT NULL DEFAULT 'normal',
-    status           ENUM('pending', 'running', 'success', 'failed', 'retry', 'cancelled') NOT NULL DEFAULT 'pending',
+    status           ENUM('pending', 'running', 'success', 'failed', 'retry', 'cancelled', 'scheduled') NOT NULL DEFAULT 'pending',
     progress         TINYINT UNSIGNED NOT NULL DEFAULT 0,
     result_url       VARCHAR(1024) NULL,
     error_message    TEXT         NULL,
@@ -154,3 +154,15 @@ CREATE TABLE IF NOT EXISTS rehosted_pictures (
 -- without a topic, or was not filed into the column).
 ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS topics JSON NULL;
 ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS result_note VARCHAR(1000) NULL;
+-- Scheduled publishing: a task made for a later time has status 'scheduled' and its
+-- `publish_at` (UTC) until the reaper queues it; the index finds the due ones.
+ALTER TABLE publish_tasks MODIFY COLUMN status
+    ENUM('pending', 'running', 'success', 'failed', 'retry', 'cancelled', 'scheduled') NOT NULL DEFAULT 'pending';
+ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS publish_at DATETIME(3) NULL;
+CREATE INDEX IF NOT EXISTS ix_tasks_due ON publish_tasks (status, publish_at);
+-- Which batch a task came in and which of its articles it is: one article sent to several
+-- platforms is several tasks with the same (batch_id, article_index).
+ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS batch_id CHAR(36) NULL;
+ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS article_index SMALLINT UNSIGNED NULL;
+-- The per-user limits count per platform.
+CREATE INDEX IF NOT EXISTS ix_tasks_user_platform_status ON publish_tasks (user_id, platform, status);

@@ -4,12 +4,16 @@ a test holds to these) takes the words from here.
 """
 
 PENDING, RUNNING, SUCCESS, FAILED, RETRY, CANCELLED = 'pending', 'running', 'success', 'failed', 'retry', 'cancelled'
-STATUSES = (PENDING, RUNNING, SUCCESS, FAILED, RETRY, CANCELLED)
+SCHEDULED = 'scheduled'
+STATUSES = (PENDING, RUNNING, SUCCESS, FAILED, RETRY, CANCELLED, SCHEDULED)
 QUEUED = (PENDING, RETRY)
-UNFINISHED = (PENDING, RUNNING, RETRY)
+# A scheduled task waits for its `publish_at` in MySQL alone: no queue entry, no worker, and
+# a limit of its own, so ACTIVE (what the per-user limit of unfinished tasks counts) leaves it out.
+ACTIVE = (PENDING, RUNNING, RETRY)
+UNFINISHED = (*ACTIVE, SCHEDULED)
 FINISHED = (SUCCESS, FAILED, CANCELLED)
 REOPENABLE = (FAILED, CANCELLED)
-CANCELLABLE = (PENDING, RETRY, RUNNING)
+CANCELLABLE = (PENDING, RETRY, RUNNING, SCHEDULED)
 
 # How one attempt ended. 'running' while it runs; 'lost' when its worker stopped answering,
 # 'timeout' when it ran out of time, 'unknown' when it failed after the submit click.

@@ -3,7 +3,7 @@
     python topn.py serve [--no-web] [--no-workers]   the service: supervisor, workers, web
     python topn.py initdb                            create the database and tables
     python topn.py adduser NAME --password PW [--admin] [--vip]
-    python topn.py submit FILE... --user NAME [--platform P] [--urgent]
+    python topn.py submit FILE... --user NAME [--platform P]... [--urgent] [--at TIME]
     python topn.py status [--user NAME]
     python topn.py account set USER PLATFORM --cookies 'a=1; b=2'   (or --cookies-file FILE)
     python topn.py account set USER zhihu --cookies '...' [--column c_123]
@@ -16,6 +16,7 @@ Configuration comes from TOPN_* environment variables (see config.py and README)
 """
 
 import argparse
+import datetime
 import gc
 import json
 import logging
@@ -30,6 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zoneinfo
 
 import bottle
 import redis
@@ -56,6 +58,7 @@ log = logging.getLogger('topn')
 BOOT_WINDOW = 5.0
 BOOT_FAILURES_TOLERATED = 3
 DEMO_USER, DEMO_PASSWORD = 'demo', 'demo'
+DEMO_ADMIN = 'admin'
 
 
 # -- the web app -----------------------------------------------------------------------
@@ -285,7 +288,7 @@ def cmd_submit(config, args):
     user = db.user_by_name(args.user)
     if user is None:
         raise CommandError(f'no user {args.user!r}')
-    payload = batch_from_files(args.files, args.platform, args.urgent)
+    payload = batch_from_files(args.files, args.platform, args.urgent, args.at)
     scheduler = Scheduler(config, db, connect_redis(config.redis_url), load_publishers(config))
     task_ids = scheduler.submit_batch(user['id'], payload)
     print(json.dumps({'task_ids': task_ids}))
@@ -303,7 +306,7 @@ def cmd_status(config, args):
         report['tasks'] = [{'task_id': r['task_id'], 'status': r['status'], 'progress': r['progress'],
                             'title': r['article_title'], 'result_url': r['result_url'],
                             'error': r['error_message']} for r in rows]
-    print(json.dumps(report, ensure_ascii=False, indent=2))
+    print(json.dumps(report, ensure_ascii=False, indent=2, default=web.iso8601))
 
 
 def cmd_account(config, args):
@@ -363,28 +366,40 @@ def cmd_demo(config, args):
     db.initialize()
     start_sandbox(config)
     token = auth.new_token()
-    user = db.user_by_name(DEMO_USER)
-    if user is None:
-        db.create_user(DEMO_USER, auth.hash_password(DEMO_PASSWORD), auth.token_hash(token))
-        user = db.user_by_name(DEMO_USER)
-    else:
-        db.set_user_token(user['id'], auth.token_hash(token))
+    user = demo_user(db, DEMO_USER, DEMO_PASSWORD, token)
+    admin_password = auth.new_token()[:12]
+    demo_user(db, DEMO_ADMIN, admin_password, auth.new_token(), admin=True)
     cookies = sandbox_session(config.sandbox_url, DEMO_USER, DEMO_PASSWORD)
     AccountStore(db, load_secret_key(config)).save(user['id'], load_publishers(config)['sandbox'],
                                                    {'cookies': cookies})
     host, port = config.bind_host_port
     url = f'http://{host}:{port}'
+    zone = zoneinfo.ZoneInfo(config.display_timezone)
+    in_a_minute = (datetime.datetime.now(zone) + datetime.timedelta(minutes=1)).isoformat(timespec='seconds')
     print(f'\nTOP_N is starting on {url}/\n'
           f'  demo login:        {DEMO_USER} / {DEMO_PASSWORD}\n'
+          f'  admin login:       {DEMO_ADMIN} / {admin_password}  (live figures on {url}/admin; new each start)\n'
           f'  API token:         {token}\n'
           f'  sandbox platform:  {config.sandbox_url}/  (published articles: {config.sandbox_url}/api/articles)\n'
-          f'  publish two articles to the sandbox:\n'
+          f'  publish two articles to the sandbox and to noop (a platform that publishes nowhere), a minute from now:\n'
           f'    curl -s -H "Authorization: Bearer {token}" \\\n'
-          f'      -d \'{{"platform": "sandbox", "articles": [{{"title": "你好，TOP_N", "content": "# 第一篇\\n\\n正文"}}, '
+          f'      -d \'{{"platforms": ["sandbox", "noop"], "publish_at": "{in_a_minute}", '
+          f'"articles": [{{"title": "你好，TOP_N", "content": "# 第一篇\\n\\n正文"}}, '
           f'{{"title": "Second", "content": "**bold** body"}}]}}\' \\\n'
           f'      {url}/api/publish/create_batch\n'
           f'    curl -s -H "Authorization: Bearer {token}" {url}/api/publish/tasks/list\n', flush=True)
     return Supervisor(config).run()
+
+
+def demo_user(db, name, password, token, admin=False):
+    """The demo's user `name`, made if missing; its password and API token set anew."""
+    user = db.user_by_name(name)
+    if user is None:
+        db.create_user(name, auth.hash_password(password), auth.token_hash(token), admin)
+        return db.user_by_name(name)
+    db.set_user_password(user['id'], auth.hash_password(password))
+    db.set_user_token(user['id'], auth.token_hash(token))
+    return user
 
 
 def start_sandbox(config):
@@ -421,19 +436,23 @@ def sandbox_session(base_url, name, password):
     return post('/api/session')['cookies']
 
 
-def batch_from_files(paths, platform, urgent):
+def batch_from_files(paths, platforms, urgent, publish_at=None):
     """One JSON batch file (the API's create_batch shape), or Markdown files split into
-    articles as the page splits them (`articles_from_markdown`)."""
+    articles as the page splits them (`articles_from_markdown`). `platforms` (the --platform
+    options, any number) and `publish_at` replace what a JSON file says."""
     paths = [pathlib.Path(p) for p in paths]
     if len(paths) == 1 and paths[0].suffix == '.json':
         payload = json.loads(read_file(paths[0]))
-        if platform:
-            payload['platform'] = platform
     else:
-        payload = {'platform': platform,
-                   'articles': [a for p in paths for a in articles_from_markdown(read_file(p), p.stem)]}
+        payload = {'articles': [a for p in paths for a in articles_from_markdown(read_file(p), p.stem)]}
+    if platforms:
+        payload.pop('platform', None)
+        payload.pop('platforms', None)
+        payload.update({'platform': platforms[0]} if len(platforms) == 1 else {'platforms': platforms})
     if urgent:
         payload['priority'] = 'urgent'
+    if publish_at:
+        payload['publish_at'] = publish_at
     return payload
 
 
@@ -466,8 +485,12 @@ def build_parser():
     submit = commands.add_parser('submit', help='submit a batch from a JSON file or Markdown files')
     submit.add_argument('files', nargs='+')
     submit.add_argument('--user', required=True)
-    submit.add_argument('--platform', default=None)
+    submit.add_argument('--platform', action='append', default=[],
+                        help='a platform to publish to; give it again for more')
     submit.add_argument('--urgent', action='store_true')
+    submit.add_argument('--at', metavar='TIME', default=None,
+                        help='publish then, not now: ISO 8601, e.g. 2026-12-04T09:00 (read in '
+                             'TOPN_DISPLAY_TIMEZONE unless it has an offset)')
     submit.set_defaults(run=cmd_submit)
     status = commands.add_parser('status', help='print queue and task figures as JSON')
     status.add_argument('--user')

@@ -48,6 +48,9 @@ def task_json(row, evidence=()):
         'result_url': row['result_url'],
         'result_note': row['result_note'],
         'topics': topics_of(row['topics']),
+        'publish_at': iso8601(row['publish_at']),
+        'batch_id': row['batch_id'],
+        'article_index': row['article_index'],
         'error_message': row['error_message'],
         'retry_count': row['retry_count'],
         'max_retries': row['max_retries'],
@@ -95,17 +98,20 @@ def json_ok(**fields):
     return json.dumps({'success': True, **fields}, ensure_ascii=False, default=_json_default)
 
 
-def json_error(status, code, message, headers=None, article=None):
-    response = bottle.HTTPResponse(json_error_body(code, message, article), status, headers or {})
+def json_error(status, code, message, headers=None, article=None, platform=None):
+    response = bottle.HTTPResponse(json_error_body(code, message, article, platform), status, headers or {})
     response.content_type = 'application/json; charset=utf-8'
     return response
 
 
-def json_error_body(code, message, article=None):
-    """The one shape of every error the JSON API answers with."""
+def json_error_body(code, message, article=None, platform=None):
+    """The one shape of every error the JSON API answers with; `article_index` and
+    `platform` say which part of a batch is at fault, when one is."""
     error = {'code': code, 'message': message}
     if article is not None:
         error['article_index'] = article
+    if platform is not None:
+        error['platform'] = platform
     return json.dumps({'success': False, 'error': error}, ensure_ascii=False)
 
 

@@ -860,8 +860,9 @@ def test_metrics_report_task_figures_for_an_admin(client, db, make_user):
     assert body['total_tasks'] == 9
     assert body['running_tasks'] == 0
     assert body['tasks_by_status'] == {'pending': 4, 'running': 0, 'success': 3, 'failed': 1, 'retry': 0,
-                                       'cancelled': 1}
+                                       'cancelled': 1, 'scheduled': 0}
     assert body['queue_length_per_user'] == {'alice': 3, 'bob': 1}
+    assert body['scheduled_per_user'] == {} and body['next_scheduled_at'] is None
     assert body['success_rate'] == 0.75
     assert body['avg_task_seconds'] == 2.0
 

@@ -161,7 +161,7 @@ class PageScan(html.parser.HTMLParser):
             self._in_textarea = []
         if tag == 'select':
             self._in_select = attrs.get('name')
-        if tag == 'option' and self._in_select == 'platform':
+        if tag == 'input' and attrs.get('type') == 'checkbox' and attrs.get('name') == 'platform':
             self.platforms.append(attrs['value'])
 
     def handle_endtag(self, tag):
@@ -373,7 +373,7 @@ def test_batch_form_submits_every_article_through_the_scheduler(browser, make_us
 
     assert response.status == 200, response.text[:500]
     assert response.header('HX-Trigger') == 'tasks-changed'
-    assert '已提交 2 篇文章' in response.text
+    assert '已提交 2 个发布任务' in response.text
     with db.transaction() as cur:
         cur.execute('SELECT task_id, article_title, article_content, platform, priority, status FROM publish_tasks '
                     'WHERE user_id = %s ORDER BY id', (alice.id,))
@@ -409,13 +409,13 @@ def test_batch_over_the_limits_shows_a_chinese_message_next_to_the_form_and_crea
 def test_batch_refused_by_the_active_limit_keeps_the_articles_and_says_why(browser, make_user, db, config, scheduler):
     alice = make_user('alice')
     store_login(db, config, alice)
-    scheduler.submit_batch(alice.id, batch(9))
+    scheduler.submit_batch(alice.id, batch(9, platform='sandbox'))
     browser.log_in('alice')
 
     response = browser.post('/batches', article_fields(('留下的标题', '正文一'), ('第二个', '正文二')), htmx=True)
 
     assert response.status == 429 and response.header('Retry-After')
-    assert '同时最多只能有 10 个未完成的任务' in response.text
+    assert '每个平台同时最多只能有 10 个未完成的任务' in response.text and '「沙盒平台」' in response.text
     assert response.scan.titles == ['留下的标题', '第二个'] and response.scan.contents == ['正文一', '正文二']
     assert count_tasks(db) == 9
 
@@ -457,7 +457,7 @@ def test_platform_select_lists_only_platforms_with_a_stored_login(site, make_use
     bob_page = bob_browser.get('/')
     assert bob_page.scan.platforms == [] and '平台账号' in bob_page.text
     refused = bob_browser.post('/batches', article_fields(('t', 'b'), platform='noop'), htmx=True)
-    assert refused.status == 400 and '你还没有添加这个平台的账号' in refused.text
+    assert refused.status == 400 and '你还没有添加「noop」的账号' in refused.text
     assert count_tasks(db) == 0
 
 

@@ -134,7 +134,7 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
                     (alice.id,))
     chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
 
-    wait_until(lambda: '已提交 3 篇文章' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
+    wait_until(lambda: '已提交 3 个发布任务' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
                message='the form to confirm the batch')
     wait_until(lambda: len(rows(chrome)) == 3, timeout=10, message='three rows in the table')
     # A task the pacing defers is claimed first: the table may catch it running for a moment
