@@ -1,7 +1,9 @@
 """`topn.py` as operators run it: a subprocess against this test's database and Redis prefix."""
 
+import datetime
 import json
 import uuid
+import zoneinfo
 
 import pytest
 
@@ -270,3 +272,44 @@ def test_unreachable_mysql_exits_2_with_a_message(config):
     result = run_topn(config, 'adduser', 'kim', '--password', 'pw', TOPN_MYSQL_URL=url)
 
     assert_refused(result, 'MySQL')
+
+
+def test_submit_to_two_platforms_at_a_later_time_schedules_one_task_per_article_and_platform(
+        config, db, make_user, tmp_path):
+    from accounts import AccountStore
+    from conftest import SECRET
+    from publishers import load_publishers
+    ivy = make_user('ivy')
+    AccountStore(db, SECRET).save(ivy.id, load_publishers(config)['sandbox'], {'cookies': 'sbx_session=value'})
+    path = tmp_path / 'post.md'
+    path.write_text('# 定时的一篇\n\n正文\n', encoding='utf-8')
+    tomorrow_nine = (datetime.datetime.now(zoneinfo.ZoneInfo('Asia/Shanghai')) + datetime.timedelta(days=1)).replace(
+        hour=9, minute=0, second=0, microsecond=0)
+
+    result = run_topn(config, 'submit', str(path), '--user', 'ivy', '--platform', 'sandbox', '--platform', 'noop',
+                      '--at', tomorrow_nine.strftime('%Y-%m-%dT%H:%M'))
+
+    assert result.returncode == 0, result.stderr
+    rows = all_tasks(db)
+    assert [row['task_id'] for row in rows] == json.loads(result.stdout)['task_ids']
+    assert [(row['platform'], row['status']) for row in rows] == [('sandbox', 'scheduled'), ('noop', 'scheduled')]
+    with db.transaction() as cur:
+        cur.execute('SELECT DISTINCT publish_at FROM publish_tasks')
+        (stored,), = [tuple(row.values()) for row in cur.fetchall()]
+    assert stored == tomorrow_nine.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    status = run_topn(config, 'status')
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report['scheduled_per_user'] == {'ivy': 2}
+    assert datetime.datetime.fromisoformat(report['next_scheduled_at']) == tomorrow_nine
+
+
+def test_submit_at_a_time_that_has_passed_exits_2_and_creates_nothing(config, db, make_user, tmp_path):
+    make_user('ivy')
+    path = tmp_path / 'post.md'
+    path.write_text('# late\n\nbody\n', encoding='utf-8')
+
+    result = run_topn(config, 'submit', str(path), '--user', 'ivy', '--platform', 'noop', '--at', '2020-01-01T09:00')
+
+    assert_refused(result, 'publish_at_in_past')
+    assert count_tasks(db) == 0

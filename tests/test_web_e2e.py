@@ -7,14 +7,16 @@ other two go from pending through running to published with their links, without
 reload; once nothing is unfinished the table stops asking the server."""
 
 import dataclasses
+import datetime
 import time
+import zoneinfo
 
 import pytest
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 from accounts import AccountStore
-from conftest import SECRET, wait_until
+from conftest import SECRET, wait_until, zhihu_environment
 from publishers import load_publishers
 
 PUBLISH_LATENCY_MS = 3000
@@ -46,7 +48,7 @@ def chrome(headless_browser):
 
 ROWS_JS = """
 return [...document.querySelectorAll('#tasks tr[data-task-id]')].map((row) => [
-  row.querySelector('td.title').textContent.trim(), row.dataset.taskId, row.dataset.status,
+  row.closest('tbody').querySelector('td.title').textContent.trim(), row.dataset.taskId, row.dataset.status,
   (row.querySelector('a.article-link') || {}).href || null]);
 """
 
@@ -125,7 +127,7 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
     wait_until(lambda: len(chrome.find_elements(By.NAME, 'title')) == 3, timeout=10, message='a third article')
     chrome.find_elements(By.NAME, 'title')[2].send_keys('手写的第三篇')
     chrome.find_elements(By.NAME, 'content')[2].send_keys('这一篇会被取消。')
-    assert [o.get_attribute('value') for o in chrome.find_elements(By.CSS_SELECTOR, 'select[name=platform] option')] \
+    assert [box.get_attribute('value') for box in chrome.find_elements(By.CSS_SELECTOR, 'input[name=platform]')] \
         == ['sandbox']
     # The account published a moment ago: its next publish slot opens in 4 s, so all three
     # tasks wait as pending first (pacing defers them without holding a browser).
@@ -164,3 +166,70 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
     assert stays(lambda: chrome.execute_script('return window.__fragmentRequests.length') == requests, QUIET_SECONDS)
     assert requests >= 4
     assert chrome.execute_script('return window.__topnMarker') == 'same-page'
+
+
+def test_a_two_platform_batch_scheduled_from_the_page_shows_scheduled_then_published(
+        start_service, platform, standin, chrome, make_user, db, config, tmp_path):
+    platform.call('POST', '/api/reset')
+    alice = make_user('alice')
+    publishers = load_publishers(config)
+    store = AccountStore(db, SECRET)
+    store.save(alice.id, publishers['sandbox'], {'cookies': platform.session_for('alice')})
+    zhihu_cookies = standin.add_account('alice')
+    store.save(alice.id, publishers['zhihu'], {'cookies': zhihu_cookies})
+    service = start_service(TOPN_SANDBOX_URL=platform.url, TOPN_SECRET_KEY=SECRET, TOPN_PACING_ZHIHU=0,
+                            TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'),
+                            TOPN_WORKERS=2, **zhihu_environment(standin))
+    log_in(chrome, service.url, 'alice')
+    chrome.execute_script(INSTRUMENT_JS)
+    boxes = {box.get_attribute('value'): box for box in chrome.find_elements(By.CSS_SELECTOR, 'input[name=platform]')}
+    assert sorted(boxes) == ['sandbox', 'zhihu']
+    for name, box in boxes.items():
+        if not box.is_selected():
+            box.click()
+    # The picker takes whole minutes, in the zone the page names (Asia/Shanghai by default).
+    zone = zoneinfo.ZoneInfo(config.display_timezone)
+    due = (datetime.datetime.now(zone) + datetime.timedelta(seconds=70)).replace(second=0, microsecond=0)
+    picker = chrome.find_element(By.NAME, 'publish_at')
+    chrome.execute_script('arguments[0].value = arguments[1]', picker, due.strftime('%Y-%m-%dT%H:%M'))
+    chrome.find_element(By.NAME, 'title').send_keys('定时发到两个平台')
+    chrome.find_element(By.NAME, 'content').send_keys('一篇文章，两个平台，同一个时间。')
+    assert config.display_timezone in chrome.find_element(By.ID, 'batch-form').text
+    chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
+
+    wait_until(lambda: '已安排 2 个发布任务' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
+               message='the form to confirm the scheduled batch')
+    wait_until(lambda: len(chrome.find_elements(By.CSS_SELECTOR, '#tasks tr[data-task-id]')) == 2, timeout=10,
+               message='two rows in the table')
+    group, = chrome.find_elements(By.CSS_SELECTOR, '#tasks tbody.article-group')
+    assert group.find_element(By.CSS_SELECTOR, 'td.title').text == '定时发到两个平台'
+    assert [cell.text for cell in group.find_elements(By.CSS_SELECTOR, 'td.platform')] \
+        == ['沙盒平台', '知乎']
+    assert [row.get_attribute('data-status') for row in group.find_elements(By.CSS_SELECTOR, 'tr')] == \
+        ['scheduled', 'scheduled']
+    assert due.strftime('%m-%d %H:%M:00') in group.text
+    assert config.display_timezone in chrome.find_element(By.ID, 'tasks').text
+
+    wait_until(lambda: {row.status for row in rows_by_task(chrome)} == {'success'}, timeout=150,
+               message='both tasks published')
+    seen = chrome.execute_script('return window.__seen')
+    assert all(statuses[0] == 'scheduled' and statuses[-1] == 'success' for statuses in seen.values()), seen
+    assert chrome.execute_script('return window.__topnMarker') == 'same-page'
+    with db.transaction() as cur:
+        cur.execute('SELECT MIN(started_at) AS first FROM publish_tasks WHERE user_id = %s', (alice.id,))
+        first_start = cur.fetchone()['first'].replace(tzinfo=datetime.timezone.utc)
+    assert first_start >= due
+    assert [article['title'] for article in platform.articles()] == ['定时发到两个平台']
+    assert [article['title'] for article in standin.published(zhihu_cookies)] == ['定时发到两个平台']
+
+
+def log_in(driver, url, name, password='secret'):
+    driver.get(url + '/')
+    driver.find_element(By.NAME, 'username').send_keys(name)
+    driver.find_element(By.NAME, 'password').send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, 'form[action="/login"] button[type=submit]').click()
+    wait_until(lambda: driver.find_elements(By.ID, 'batch-form'), timeout=10, message='the page after logging in')
+
+
+def rows_by_task(driver):
+    return [Row(task_id, status, link) for _, task_id, status, link in driver.execute_script(ROWS_JS)]
