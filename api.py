@@ -258,7 +258,17 @@ def prometheus_text(metrics):
     pool = metrics['browser_pool']
     gauge('browsers', 'Headless browsers on the machine, by state.',
           [({'state': 'working'}, pool['working']), ({'state': 'idle'}, pool['idle'])])
-    gauge('browsers_max', 'The cap on live browsers (TOPN_MAX_DRIVERS).', [({}, pool['max'])])
+    gauge('browsers_max', 'The cap on live browsers of one host (TOPN_MAX_DRIVERS).', [({}, pool['max'])])
+    hosts = metrics['hosts']
+    gauge('host_up', 'Hosts heard from within TOPN_LEASE_TTL (1), silent (0); cleanly stopped ones are absent.',
+          [({'host': h['host']}, int(h['state'] == 'up')) for h in hosts if h['state'] != 'stopped'])
+    gauge('host_heartbeat_age_seconds', 'Seconds since each host last renewed its heartbeat.',
+          [({'host': h['host']}, h['silent_seconds']) for h in hosts if h['state'] != 'stopped'])
+    gauge('host_workers', 'Worker processes of each host.',
+          [({'host': h['host']}, len(h['workers'])) for h in hosts if h['state'] != 'stopped'])
+    gauge('host_browsers', 'Browsers of each host, by state.',
+          [({'host': h['host'], 'state': state}, h['browsers'][state])
+           for h in hosts if h['state'] != 'stopped' for state in ('working', 'idle')])
     return '\n'.join(lines) + '\n'
 
 

@@ -7,11 +7,13 @@ Defaults suit a single local box. Anything that reads configuration takes a
 import dataclasses
 import os
 import re
+import socket
 import zoneinfo
 from urllib.parse import urlsplit, unquote
 
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')
+HOST_ID = re.compile(r'[A-Za-z0-9._-]{1,64}')
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,8 @@ class Config:
     driver_acquire_timeout: float = 30.0
     working_per_core: int = 3
     webdriver_url: str = ''
+    grid_session_timeout: float = 300.0
+    host_id: str = dataclasses.field(default_factory=socket.gethostname)
     browser_root: str = '/tmp/topn-browsers'
     browser_namespace: str = 'topn'
     secret_key: str = ''
@@ -85,6 +89,14 @@ class Config:
     def pacing_for(self, platform):
         """Seconds that must pass between two publishes on one account of `platform`."""
         return dict(self.pacing).get(platform, 0.0)
+
+    @property
+    def browser_idle_limit(self):
+        """Seconds an idle browser is kept. A Grid ends a session idle for its session timeout
+        on its own; ours are quit well before, so no task ever meets a session ended under it."""
+        if self.webdriver_url:
+            return min(self.driver_idle, self.grid_session_timeout / 2)
+        return self.driver_idle
 
     @property
     def evidence_dir(self):
@@ -141,6 +153,9 @@ class Config:
         _require(self.max_drivers >= 1, 'TOPN_MAX_DRIVERS', 'must be 1 or more')
         _require(self.driver_reuse in (0, 1), 'TOPN_DRIVER_REUSE', 'must be 0 or 1')
         _require(self.driver_idle > 0, 'TOPN_DRIVER_IDLE', 'must be more than 0')
+        _require(self.grid_session_timeout > 0, 'TOPN_GRID_SESSION_TIMEOUT', 'must be more than 0')
+        _require(HOST_ID.fullmatch(self.host_id) is not None, 'TOPN_HOST_ID',
+                 'must be 1 to 64 letters, digits, dots, dashes or underscores')
         _require(self.working_per_core >= 1, 'TOPN_WORKING_PER_CORE', 'must be 1 or more')
         _require(re.fullmatch(r'[A-Za-z0-9_.-]+', self.browser_namespace) is not None, 'TOPN_BROWSER_NAMESPACE',
                  'must be letters, digits, dots, dashes or underscores (it names a folder)')

@@ -49,6 +49,11 @@ class TransactionConflict(DatabaseUnavailable):
     and rolled it back; the connection is fine and running it again is safe."""
 
 
+def host_of(worker_id):
+    """The host part of a worker id (`host:pid`)."""
+    return worker_id.rpartition(':')[0] or worker_id
+
+
 def reconnects(method):
     """Run a one-transaction method again when MySQL rolled it back: once on a fresh
     connection when the old one turns out to be dead (a MySQL restart or a killed
@@ -385,8 +390,8 @@ class Database:
     def history(self, task_id):
         with self.transaction() as cur:
             cur.execute(
-                'SELECT attempt, worker_id, started_at, ended_at, outcome, error, result_url '
-                'FROM publish_history WHERE task_id = %s ORDER BY attempt', (task_id,))
+                'SELECT attempt, host_id AS host, worker_id AS worker, worker_id, started_at, ended_at, outcome, '
+                'error, result_url FROM publish_history WHERE task_id = %s ORDER BY attempt', (task_id,))
             return cur.fetchall()
 
     # -- user actions on tasks -------------------------------------------------------
@@ -430,6 +435,90 @@ class Database:
             (user_id, task_id))
         return cur.rowcount == 1
 
+    # -- hosts and their remote browser sessions ----------------------------------------
+
+    @reconnects
+    def host(self, host_id):
+        """The host row of `host_id` with `silent_seconds` since its heartbeat, or None."""
+        with self.transaction() as cur:
+            cur.execute('SELECT machine, pid, stopped_at, TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(3)) / 1e6 '
+                        'AS silent_seconds FROM hosts WHERE host_id = %s', (host_id,))
+            row = cur.fetchone()
+        if row:
+            row['silent_seconds'] = float(row['silent_seconds'])
+        return row
+
+    @reconnects
+    def join_as_host(self, host_id, machine, pid, web):
+        with self.transaction() as cur:
+            cur.execute(
+                'INSERT INTO hosts (host_id, machine, pid, web, workers, started_at, heartbeat_at) '
+                'VALUES (%s, %s, %s, %s, JSON_ARRAY(), NOW(3), NOW(3)) ON DUPLICATE KEY UPDATE '
+                'machine = VALUES(machine), pid = VALUES(pid), web = VALUES(web), workers = JSON_ARRAY(), '
+                'started_at = NOW(3), heartbeat_at = NOW(3), stopped_at = NULL',
+                (host_id, machine, pid, int(web)))
+
+    @reconnects
+    def host_heartbeat(self, host_id, worker_ids):
+        with self.transaction() as cur:
+            cur.execute('UPDATE hosts SET heartbeat_at = NOW(3), workers = %s WHERE host_id = %s',
+                        (json.dumps(sorted(worker_ids)), host_id))
+
+    @reconnects
+    def host_stopped(self, host_id):
+        with self.transaction() as cur:
+            cur.execute('UPDATE hosts SET stopped_at = NOW(3), workers = JSON_ARRAY() WHERE host_id = %s',
+                        (host_id,))
+
+    @reconnects
+    def hosts(self, stopped_within):
+        """Every host with `silent_seconds` since its last heartbeat; stopped ones only if they
+        stopped less than `stopped_within` seconds ago."""
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT host_id, machine, pid, web, workers, started_at, heartbeat_at, stopped_at, '
+                'TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(3)) / 1e6 AS silent_seconds FROM hosts '
+                'WHERE stopped_at IS NULL OR stopped_at > NOW(3) - INTERVAL %s SECOND ORDER BY host_id',
+                (int(stopped_within),))
+            rows = cur.fetchall()
+        for row in rows:
+            row['workers'] = json.loads(row['workers'] or '[]')
+            row['silent_seconds'] = float(row['silent_seconds'])
+        return rows
+
+    @reconnects
+    def session_started(self, session_id, worker_id):
+        with self.transaction() as cur:
+            cur.execute('INSERT IGNORE INTO browser_sessions (session_id, host_id, worker_id) VALUES (%s, %s, %s)',
+                        (session_id, host_of(worker_id), worker_id))
+
+    @reconnects
+    def session_ended(self, session_id):
+        with self.transaction() as cur:
+            cur.execute('DELETE FROM browser_sessions WHERE session_id = %s', (session_id,))
+
+    @reconnects
+    def sessions_of_worker(self, worker_id):
+        with self.transaction() as cur:
+            cur.execute('SELECT session_id FROM browser_sessions WHERE worker_id = %s', (worker_id,))
+            return [row['session_id'] for row in cur.fetchall()]
+
+    @reconnects
+    def sessions_of_host(self, host_id):
+        with self.transaction() as cur:
+            cur.execute('SELECT session_id FROM browser_sessions WHERE host_id = %s', (host_id,))
+            return [row['session_id'] for row in cur.fetchall()]
+
+    @reconnects
+    def sessions_of_silent_hosts(self, silent_for):
+        """Remote sessions held by hosts stopped or silent for `silent_for` seconds, or unknown."""
+        with self.transaction() as cur:
+            cur.execute(
+                'SELECT s.session_id, s.host_id FROM browser_sessions s LEFT JOIN hosts h USING (host_id) '
+                'WHERE h.host_id IS NULL OR h.stopped_at IS NOT NULL '
+                'OR h.heartbeat_at < NOW(3) - INTERVAL %s MICROSECOND', (int(silent_for * 1e6),))
+            return cur.fetchall()
+
     # -- worker side: attempts and leases --------------------------------------------
 
     @reconnects
@@ -453,8 +542,9 @@ class Database:
             task = cur.fetchone()
             task['topics'] = topics_of(task['topics'])
             cur.execute(
-                'INSERT INTO publish_history (task_id, attempt, worker_id, started_at) VALUES (%s, %s, %s, %s)',
-                (task_id, task['attempt'], worker_id, task['started_at']))
+                'INSERT INTO publish_history (task_id, attempt, worker_id, host_id, started_at) '
+                'VALUES (%s, %s, %s, %s, %s)',
+                (task_id, task['attempt'], worker_id, host_of(worker_id), task['started_at']))
             task['earlier_attempts'] = []
             if task['attempt'] > 1:
                 cur.execute(

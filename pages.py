@@ -64,6 +64,7 @@ PICTURE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.gif', '.webp')
 
 STATUS_LABELS = {'pending': '等待中', 'running': '发布中', 'success': '已发布', 'failed': '失败',
                  'retry': '等待重试', 'cancelled': '已取消', 'scheduled': '定时发布'}
+HOST_STATE_LABELS = {'up': '运行中', 'silent': '无心跳', 'stopped': '已停止'}
 OUTCOME_LABELS = {'running': '进行中', 'success': '成功', 'failed': '失败', 'timeout': '超时',
                   'lost': '工作进程中断', 'unknown': '结果未知', 'cancelled': '已取消'}
 LOGIN_FIELD_LABELS = {'cookies': ('登录 Cookie', 'cookies'), 'site': ('网站地址', 'url'),
@@ -183,6 +184,7 @@ class Pages:
         self.templates.filters['iso'] = web.iso8601
         self.templates.globals.update(
             htmx_js=f'/static/{HTMX_FILE}', status_labels=STATUS_LABELS, outcome_labels=OUTCOME_LABELS,
+            host_state_labels=HOST_STATE_LABELS,
             batch_max=config.batch_max, zone_label=zone_label(self.timezone))
 
     def mount(self, app):

@@ -37,6 +37,8 @@ import shutil
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from urllib.parse import urlsplit
 
 from selenium import webdriver
@@ -237,9 +239,10 @@ class DriverPool:
     """
 
     def __init__(self, leases, *, idle_seconds=300, webdriver_url=None, browser_root, namespace,
-                 clock=time.monotonic):
+                 sessions=None, clock=time.monotonic):
         self.idle_seconds = idle_seconds
         self.webdriver_url = webdriver_url
+        self.sessions = sessions or NoSessionLog()
         self.pid = os.getpid()
         self.marker = browser_marker(namespace, self.pid, browser_root)
         self._leases = leases
@@ -251,9 +254,9 @@ class DriverPool:
         self._closed = False
 
     @classmethod
-    def from_config(cls, leases, config):
-        return cls(leases, idle_seconds=config.driver_idle, webdriver_url=config.webdriver_url or None,
-                   browser_root=config.browser_root, namespace=config.browser_namespace)
+    def from_config(cls, leases, config, sessions=None):
+        return cls(leases, idle_seconds=config.browser_idle_limit, webdriver_url=config.webdriver_url or None,
+                   browser_root=config.browser_root, namespace=config.browser_namespace, sessions=sessions)
 
     # -- handing drivers out -----------------------------------------------------------
 
@@ -278,14 +281,35 @@ class DriverPool:
             browser = self._newest_idle()
             if browser is not None:
                 browser.state = WORKING
+        if browser is not None:
+            if not self.webdriver_url or is_healthy(browser.driver):
                 return Room(browser), None
+            log.warning('an idle remote browser no longer answers (its session was ended); replacing it')
+            self._destroy(browser)
         refusal = self._refuse_start()
         if refusal is not None:
             leases.give_back_permit(self.pid)
             return None, refusal
+        if self.webdriver_url:
+            return self._reserve_remote_start()
         with self._lock:
             self._start_rooms += 1
         return Room(None), None
+
+    def _reserve_remote_start(self):
+        """A Grid may queue a new-session request for as long as its session-request-timeout,
+        so a remote browser is started before any task is claimed for it: a request waiting
+        for a slot holds no task, and a Grid with no slot free fails no task."""
+        try:
+            browser = self._start_browser()
+        except (PoolBusy, PoolClosed) as error:
+            self._leases.give_back_permit(self.pid)
+            return None, str(error)
+        except Exception as error:
+            self._leases.give_back_permit(self.pid)
+            log.warning('no browser from %s: %s', self.webdriver_url, first_line(error))
+            return None, f'the WebDriver endpoint gave no browser: {first_line(error)}'
+        return Room(browser), None
 
     def _newest_idle(self):
         """The idle browser that worked last (the warmest), or None. Call with the lock held."""
@@ -316,6 +340,8 @@ class DriverPool:
                 self._start_rooms -= 1
             elif room.browser.state == WORKING:
                 room.browser.state = IDLE
+                if room.browser.idle_since is None:  # started for this room, never used
+                    room.browser.idle_since = self._clock()
             self._changed.notify_all()
         self._leases.give_back_permit(self.pid)
 
@@ -352,8 +378,8 @@ class DriverPool:
         if room.browser is None:
             with self._lock:
                 self._start_rooms -= 1
-        elif is_healthy(room.browser.driver):
-            return room.browser.driver
+        elif self.webdriver_url or is_healthy(room.browser.driver):
+            return room.browser.driver  # a remote room's browser was checked or started just now
         else:
             log.warning('an idle browser failed its health check; replacing it')
             self._destroy(room.browser)
@@ -376,6 +402,8 @@ class DriverPool:
             self._forget(browser)
             self._give_back_after_exit(browser.folder)
             raise
+        if self.webdriver_url:
+            self.sessions.started(browser.driver.session_id)
         with self._lock:
             closed = self._closed
             browser.state = CLOSING if closed else WORKING
@@ -490,7 +518,9 @@ class DriverPool:
         try:
             call_with_timeout(browser.driver.quit, QUIT_TIMEOUT)
         except Exception as error:
-            log.warning('quitting a browser failed (%s); killing its processes', error)
+            log.warning('quitting a browser failed (%s); killing its processes', first_line(error))
+        if self.webdriver_url:
+            self.sessions.ended(browser.driver.session_id)
         self._give_back_after_exit(browser.folder)
         service = getattr(browser.driver, 'service', None)
         if service is not None and service.process is not None:
@@ -518,6 +548,18 @@ class DriverPool:
             raise PoolClosed('the pool is closed')
         if os.getpid() != self.pid:
             raise RuntimeError('a DriverPool belongs to the process that created it; create one after fork')
+
+
+class NoSessionLog:
+    """Where a pool says which remote sessions it holds; this one forgets. The worker's
+    (`worker.SessionLog`) keeps them in MySQL, so that another host can end the sessions of
+    a host that died."""
+
+    def started(self, session_id):
+        pass
+
+    def ended(self, session_id):
+        pass
 
 
 # -- browsers --------------------------------------------------------------------------------
@@ -587,6 +629,25 @@ def wipe_browser_state(driver):
     if cookies_left or windows_left != 1 or history_left != 1:
         raise WipeFailed(f'{cookies_left} cookies, {windows_left} windows and {history_left} history entries '
                          f'left after wiping')
+
+
+def first_line(error):
+    """An exception in one line: WebDriver errors carry a multi-line stack trace of the server."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def end_remote_session(webdriver_url, session_id, timeout=10):
+    """End a session at a WebDriver endpoint without holding its driver (`DELETE /session/<id>`),
+    for sessions whose owner died. True when it ended now, False when it was already gone."""
+    request = urllib.request.Request(f'{webdriver_url.rstrip("/")}/session/{session_id}', method='DELETE')
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return False
+        raise
 
 
 def call_with_timeout(function, seconds):

@@ -34,7 +34,7 @@ import redis
 
 import images
 import tasks
-from db import DatabaseUnavailable
+from db import DatabaseUnavailable, host_of
 from errors import Conflict, InvalidRequest, LimitReached, NotFound
 
 log = logging.getLogger('topn.scheduler')
@@ -45,6 +45,7 @@ TOPICS_MAX = 5
 TOPIC_MAX_CHARS = 50
 SCHEDULE_GRACE = 10.0  # a publish_at this many seconds past is "now" (clocks and typing differ a little)
 SCHEDULE_MAX_AHEAD = datetime.timedelta(days=90)
+HOSTS_STOPPED_SHOWN = 3600  # seconds a cleanly stopped host stays in the figures
 
 
 # -- Redis keys ----------------------------------------------------------------------
@@ -658,6 +659,7 @@ class Scheduler:
             'success_rate': round(by_status.get(tasks.SUCCESS, 0) / finished, 4) if finished else None,
             'avg_task_seconds': round(avg_seconds, 3) if avg_seconds is not None else None,
             'browser_pool': self.pool_usage(),
+            'hosts': self.host_figures(),
         }
 
     def queue_lengths(self):
@@ -671,9 +673,30 @@ class Scheduler:
         worker's figures vanish on their own)."""
         self.redis.set(self.keys.pool(worker_id), json.dumps(stats), ex=max(1, int(ttl)))
 
-    def pool_usage(self):
-        """Browsers on the machine: at work (or being wiped), idle in a pool, and the cap."""
-        reports = [json.loads(raw) for raw in
-                   self.redis.mget(list(self.redis.scan_iter(match=self.keys.pool_prefix + '*'))) or [] if raw]
+    def pool_reports(self):
+        """{worker id: its latest browser pool figures}, for the workers heard from lately."""
+        keys = list(self.redis.scan_iter(match=self.keys.pool_prefix + '*'))
+        values = self.redis.mget(keys) if keys else []
+        return {key.removeprefix(self.keys.pool_prefix): json.loads(raw) for key, raw in zip(keys, values) if raw}
+
+    def pool_usage(self, reports=None):
+        """Browsers of every host: at work (or being wiped), idle in a pool, and the cap of one host."""
+        reports = list((reports if reports is not None else self.pool_reports()).values())
         return {'working': sum(r['working'] + r['wiping'] for r in reports),
                 'idle': sum(r['idle'] for r in reports), 'max': self.config.max_drivers}
+
+    def host_figures(self):
+        """Each host heard from lately: `up`, `silent` (its heartbeats stopped for longer than
+        TOPN_LEASE_TTL: it died, or lost the database) or `stopped` (cleanly, within the hour),
+        with its workers and their browsers."""
+        reports = self.pool_reports()
+        figures = []
+        for row in self.db.hosts(stopped_within=HOSTS_STOPPED_SHOWN):
+            mine = {worker: stats for worker, stats in reports.items() if host_of(worker) == row['host_id']}
+            state = 'stopped' if row['stopped_at'] else 'silent' if row['silent_seconds'] > self.config.lease_ttl else 'up'
+            figures.append({
+                'host': row['host_id'], 'state': state, 'web': bool(row['web']), 'workers': row['workers'],
+                'browsers': self.pool_usage(mine), 'started_at': row['started_at'],
+                'heartbeat_at': row['heartbeat_at'], 'silent_seconds': round(row['silent_seconds'], 1),
+            })
+        return figures

@@ -166,3 +166,29 @@ ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS batch_id CHAR(36) NULL;
 ALTER TABLE publish_tasks ADD COLUMN IF NOT EXISTS article_index SMALLINT UNSIGNED NULL;
 -- The per-user limits count per platform.
 CREATE INDEX IF NOT EXISTS ix_tasks_user_platform_status ON publish_tasks (user_id, platform, status);
+-- Several hosts: every attempt names the host that ran it (`worker_id` is host:pid).
+ALTER TABLE publish_history ADD COLUMN IF NOT EXISTS host_id VARCHAR(64) NULL;
+-- One row per host running a supervisor (TOPN_HOST_ID). The supervisor renews
+-- `heartbeat_at` every TOPN_HEARTBEAT_INTERVAL; a host silent for TOPN_LEASE_TTL is down.
+-- `machine` (host name and boot id) tells a restart of the same host from a second host
+-- wrongly given the same TOPN_HOST_ID. `stopped_at` is set by a clean stop.
+CREATE TABLE IF NOT EXISTS hosts (
+    host_id      VARCHAR(64)  NOT NULL PRIMARY KEY,
+    machine      VARCHAR(255) NOT NULL,
+    pid          INT UNSIGNED NOT NULL,
+    web          TINYINT(1)   NOT NULL DEFAULT 0,
+    workers      JSON         NULL,
+    started_at   DATETIME(3)  NOT NULL,
+    heartbeat_at DATETIME(3)  NOT NULL,
+    stopped_at   DATETIME(3)  NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+-- The sessions a worker holds at a remote WebDriver (a Selenium Grid), so that a surviving
+-- host can end the sessions of a host or worker that died and give the Grid its slots back.
+CREATE TABLE IF NOT EXISTS browser_sessions (
+    session_id   VARCHAR(64)  NOT NULL PRIMARY KEY,
+    host_id      VARCHAR(64)  NOT NULL,
+    worker_id    VARCHAR(128) NOT NULL,
+    started_at   DATETIME(3)  NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    KEY ix_sessions_host (host_id),
+    KEY ix_sessions_worker (worker_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -46,6 +46,7 @@ from accounts import AccountStore, LoginChecker, load_secret_key
 from config import Config, ConfigError
 from db import Database, DatabaseUnavailable
 from errors import Refused
+from hosts import HostIdInUse, HostPresence
 from pool import (browser_marker, find_browser_processes, kill_browser_processes, kill_until_gone, lease_registry,
                   local_leases, working_limit)
 from publishers import load_publishers
@@ -109,6 +110,7 @@ class Supervisor:
         self.db = Database(config.mysql)
         self.redis = connect_redis(config.redis_url)
         self.scheduler = Scheduler(config, self.db, self.redis, load_publishers(config))
+        self.presence = HostPresence(config, self.db, os.getpid())
 
     def run(self):
         """`gc.freeze()` once everything is built: the long-lived objects then stay out of
@@ -116,7 +118,11 @@ class Supervisor:
         ~30 ms about once in 80 (bench/web.py)."""
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
-        self.start()
+        try:
+            self.start()
+        except HostIdInUse as error:
+            log.error('%s', error)
+            return 1
         gc.freeze()
         while not self.stop_requested:
             self.loop_once()
@@ -125,22 +131,29 @@ class Supervisor:
         return self.exit_code
 
     def start(self):
-        """The browser leases first (the web app's login checks and the workers share them),
-        then the web app, then the workers."""
+        """This host's row among the hosts first (a supervisor that finds a database in use
+        by other hosts simply joins them), then the browser leases (the web app's login
+        checks and the workers share them), then the web app, then the workers."""
+        self.presence.join(web=self.run_web)
         self._start_lease_registry()
         if self.run_web:
             self._start_web()
         if self.run_workers:
             for slot in range(self.config.workers):
                 self._spawn(slot)
-        log.info('supervisor %s running: web=%s workers=%d', os.getpid(), self.run_web,
-                 self.config.workers if self.run_workers else 0)
+        log.info('supervisor %s of host %s running: web=%s workers=%d', os.getpid(), self.config.host_id,
+                 self.run_web, self.config.workers if self.run_workers else 0)
 
     def loop_once(self):
-        """One turn of the supervisor: replace dead workers, one reaper pass."""
+        """One turn of the supervisor: replace dead workers, one reaper pass, the heartbeat."""
         if self.run_workers:
             self._replace_dead_workers()
             self.scheduler.reap_and_log_errors()
+            self.presence.end_orphan_sessions()
+        self.presence.beat([self._worker_id(process.pid) for process, _ in self.workers.values()])
+
+    def _worker_id(self, pid):
+        return worker_id_for(self.config.host_id, pid)
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
@@ -206,9 +219,10 @@ class Supervisor:
         if killed or returned:
             log.warning('worker pid %s left %d browser processes and %d leases; cleaned up', pid, killed, returned)
         try:
-            released = self.db.expire_leases_of(worker_id_for(pid))
+            released = self.db.expire_leases_of(self._worker_id(pid))
             if released:
                 log.warning('%d tasks of the dead worker go back to the queue', released)
+            self.presence.end_sessions_of_worker(self._worker_id(pid))
         except DatabaseUnavailable as error:
             log.warning('could not release the dead worker\'s leases now (%s); they expire on their own', error)
 
@@ -235,6 +249,7 @@ class Supervisor:
                 self._clean_up_after(process.pid)
         kill_browser_processes(os.path.join(self.config.browser_root, self.config.browser_namespace) + '/')
         self.manager.shutdown()
+        self.presence.leave()
         log.info('stopped')
 
 

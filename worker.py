@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import signal
-import socket
 import threading
 import time
 
@@ -46,14 +45,14 @@ def failed_outcome(attempt):
     return 'unknown' if attempt.submitted else 'failed'
 
 
-def worker_id_for(pid, host=None):
-    return f'{host or socket.gethostname()}:{pid}'
+def worker_id_for(host_id, pid):
+    return f'{host_id}:{pid}'
 
 
 class Worker:
     def __init__(self, config, worker_id=None, publishers=None, leases=None):
         self.config = config
-        self.worker_id = worker_id or worker_id_for(os.getpid())
+        self.worker_id = worker_id or worker_id_for(config.host_id, os.getpid())
         self.db = Database(config.mysql)
         self.redis = connect_redis(config.redis_url)
         self.publishers = publishers if publishers is not None else load_publishers(config)
@@ -213,7 +212,7 @@ class Worker:
             return self._driver_pool
 
     def _new_driver_pool(self):
-        return DriverPool.from_config(self.leases, self.config)
+        return DriverPool.from_config(self.leases, self.config, sessions=SessionLog(self.db, self.worker_id))
 
     def _progress_reporter(self, task_id, number):
         def report(percent):
@@ -306,6 +305,28 @@ class Worker:
                 log.warning('worker %s: heartbeat failed: %s', self.worker_id, error)
             except Exception:
                 log.exception('worker %s: heartbeat failed', self.worker_id)
+
+
+class SessionLog:
+    """The remote browser sessions of one worker, kept in MySQL: if this worker or its whole
+    host dies, a supervisor still alive ends them at the Grid (`end_orphan_sessions`) instead
+    of leaving their slots taken until the Grid's session timeout. Losing a row to a MySQL
+    outage only means the Grid's timeout ends that session."""
+
+    def __init__(self, db, worker_id):
+        self.db, self.worker_id = db, worker_id
+
+    def started(self, session_id):
+        try:
+            self.db.session_started(session_id, self.worker_id)
+        except DatabaseUnavailable as error:
+            log.warning('remote session %s not recorded: %s', session_id, error)
+
+    def ended(self, session_id):
+        try:
+            self.db.session_ended(session_id)
+        except DatabaseUnavailable as error:
+            log.warning('the end of remote session %s not recorded: %s', session_id, error)
 
 
 class PictureMemory:

@@ -405,7 +405,8 @@ class Service:
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.log_path = tmp_path / f'serve-{self.port}.log'
-        self.env = {**os.environ, **env, 'TOPN_BIND': f'127.0.0.1:{self.port}'}
+        self.env = {**os.environ, 'TOPN_HOST_ID': f'test-host-{self.port}', **env, 'TOPN_BIND': f'127.0.0.1:{self.port}'}
+        self.host_id = self.env['TOPN_HOST_ID']
         self.process = None
 
     def start(self, *args):
@@ -432,6 +433,12 @@ class Service:
         output = subprocess.run(['pgrep', '-P', str(self.process.pid), '-x', 'topn-worker'],
                                 capture_output=True, text=True).stdout
         return [int(pid) for pid in output.split()]
+
+    def kill_whole_host(self):
+        """SIGKILL the supervisor and every process it started at once, as a power cut would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self, timeout=30):
         if self.process and self.process.poll() is None:
@@ -466,6 +473,28 @@ def tasks(service, user, task_ids):
 def all_finished(service, user, task_ids):
     found = tasks(service, user, task_ids)
     return found if all(t['status'] in FINISHED for t in found) else None
+
+
+def all_succeeded(service, user, task_ids):
+    found = tasks(service, user, task_ids)
+    return len(found) == len(task_ids) and all(t['status'] == 'success' for t in found)
+
+
+def exactly_one_success_each(db, task_ids):
+    """Every task has exactly one successful attempt."""
+    for task_id in task_ids:
+        outcomes = [h['outcome'] for h in db.history(task_id)]
+        assert outcomes.count('success') == 1, (task_id, outcomes)
+
+
+def http_text(url, headers=None, timeout=10):
+    """(status, body text) of a GET whose answer is not JSON."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def run_topn(config, *args, **env):

@@ -778,13 +778,14 @@ def test_task_detail_returns_the_task_with_its_attempts(client, db, make_user):
     assert TASK_FIELDS <= set(fresh.json['task'])
 
     with db.transaction() as cur:
-        cur.execute("INSERT INTO publish_history (task_id, attempt, worker_id, started_at, ended_at, outcome, error) "
-                    "VALUES (%s, 1, 'w-1', '2024-05-06 07:08:09.000', '2024-05-06 07:08:11.500', 'failed', 'boom'), "
-                    "(%s, 2, 'w-2', '2024-05-06 07:09:00.000', NULL, 'running', NULL)", (task_id, task_id))
+        cur.execute("INSERT INTO publish_history (task_id, attempt, worker_id, host_id, started_at, ended_at, outcome, "
+                    "error) VALUES (%s, 1, 'alpha:11', 'alpha', '2024-05-06 07:08:09.000', '2024-05-06 07:08:11.500', "
+                    "'failed', 'boom'), (%s, 2, 'beta:22', 'beta', '2024-05-06 07:09:00.000', NULL, 'running', NULL)",
+                    (task_id, task_id))
     attempts = client.get(f'/api/publish/tasks/{task_id}', headers=alice.headers).json['task']['attempts']
 
-    assert [(a['attempt'], a['worker_id'], a['outcome'], a['error']) for a in attempts] == [
-        (1, 'w-1', 'failed', 'boom'), (2, 'w-2', 'running', None)]
+    assert [(a['attempt'], a['host'], a['worker'], a['outcome'], a['error']) for a in attempts] == [
+        (1, 'alpha', 'alpha:11', 'failed', 'boom'), (2, 'beta', 'beta:22', 'running', None)]
     assert attempts[0]['started_at'] == '2024-05-06T07:08:09.000+00:00'
     assert parse_utc(attempts[0]['ended_at']) - parse_utc(attempts[0]['started_at']) == \
         datetime.timedelta(seconds=2.5)

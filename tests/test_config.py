@@ -187,3 +187,18 @@ def test_parse_mysql_url_takes_an_ipv6_host():
     parsed = parse_mysql_url('mysql://root@[::1]:3307/topn')
 
     assert (parsed['host'], parsed['port']) == ('::1', 3307)
+
+
+def test_the_host_id_defaults_to_the_machines_name_and_must_fit_a_worker_id():
+    import socket
+    assert Config.from_env({}).host_id == socket.gethostname()
+    assert Config.from_env({'TOPN_HOST_ID': 'worker-2.example'}).host_id == 'worker-2.example'
+    for bad in ('', 'a:b', 'x' * 65, 'has space'):
+        with pytest.raises(ConfigError, match='TOPN_HOST_ID'):
+            Config.from_env({'TOPN_HOST_ID': bad})
+
+
+def test_idle_remote_browsers_are_quit_well_before_the_grids_session_timeout():
+    assert Config.from_env({'TOPN_DRIVER_IDLE': '300'}).browser_idle_limit == 300
+    remote = Config.from_env({'TOPN_WEBDRIVER_URL': 'http://grid:4444', 'TOPN_GRID_SESSION_TIMEOUT': '120'})
+    assert remote.browser_idle_limit == 60

@@ -10,22 +10,12 @@ import subprocess
 import pytest
 import redis as redis_lib
 
-from conftest import batch, create, free_port, http, kill_connections_to, tasks, wait_until
+from conftest import (all_succeeded, batch, create, exactly_one_success_each, free_port, http, kill_connections_to,
+                      tasks, wait_until)
 
 
 def statuses(service, user, task_ids):
     return {task['task_id']: task for task in tasks(service, user, task_ids)}
-
-
-def all_succeeded(service, user, task_ids):
-    found = statuses(service, user, task_ids)
-    return len(found) == len(task_ids) and all(t['status'] == 'success' for t in found.values())
-
-
-def exactly_one_success_each(db, task_ids):
-    for task_id in task_ids:
-        outcomes = [h['outcome'] for h in db.history(task_id)]
-        assert outcomes.count('success') == 1, (task_id, outcomes)
 
 
 def test_batches_from_several_users_publish_end_to_end(start_service, make_user, db):
