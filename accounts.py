@@ -58,6 +58,20 @@ def load_secret_key(config):
     return path.read_text().strip()
 
 
+class SecretKeyMismatch(Exception):
+    """This host's TOPN_SECRET_KEY is not the key the database's logins are encrypted with."""
+
+
+def check_secret_key(db, secret_key):
+    """Refuse to run with a key other than the one every other host uses: its workers could
+    read no stored login. Only a digest of the key is kept, under its own label."""
+    digest = hashlib.sha256(b'topn secret key check\0' + secret_key.encode()).hexdigest()
+    if db.agreed_setting('secret_key_check', digest) != digest:
+        raise SecretKeyMismatch(
+            'this host\'s secret key is not the one the stored logins are encrypted with; set TOPN_SECRET_KEY '
+            'to the same value on every host (a host without it makes its own in TOPN_STATE_DIR/secret.key)')
+
+
 def parse_cookies(text):
     """'a=1; b=2' (what a browser's devtools copy gives) -> [('a', '1'), ('b', '2')]."""
     if not isinstance(text, str) or not text.strip():

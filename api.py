@@ -9,7 +9,6 @@ import datetime
 import functools
 import json
 import logging
-import os
 
 import bottle
 import redis
@@ -27,6 +26,8 @@ log = logging.getLogger('topn.api')
 MAX_STATUS_IDS = 200
 SAFE_METHODS = ('GET', 'HEAD')
 PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
+EVIDENCE_TYPES = {'png': 'image/png', 'html': 'text/html; charset=utf-8', 'txt': 'text/plain; charset=utf-8',
+                  'json': 'application/json; charset=utf-8'}
 TASK_ID = '<task_id:re:[0-9a-f-]{36}>'
 
 
@@ -182,14 +183,13 @@ class Api:
         user = self.current_user()
         if name not in tasks.EVIDENCE_FILES or self.db.task_for_user(user['id'], task_id) is None:
             raise NotFound('evidence_not_found', 'no such evidence')
-        folder = os.path.join(self.config.evidence_dir, task_id, str(attempt))
-        response = bottle.static_file(name, root=os.path.abspath(folder))
-        if response.status_code == 404:
+        data = self.db.evidence_file(task_id, attempt, name)
+        if data is None:
             raise NotFound('evidence_not_found', 'no such evidence')
         # A platform's page, saved as it was: shown in a sandbox without scripts or our origin.
-        response.set_header('Content-Security-Policy', 'sandbox')
-        response.set_header('Cache-Control', 'private, no-store')
-        return response
+        return bottle.HTTPResponse(data, 200, {
+            'Content-Type': EVIDENCE_TYPES[name.rpartition('.')[2]], 'Content-Security-Policy': 'sandbox',
+            'Cache-Control': 'private, no-store', 'X-Content-Type-Options': 'nosniff'})
 
     def cancel(self):
         user = self.current_user()

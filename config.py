@@ -99,10 +99,6 @@ class Config:
         return self.driver_idle
 
     @property
-    def evidence_dir(self):
-        return os.path.join(self.state_dir, 'evidence')
-
-    @property
     def bind_host_port(self):
         host, _, port = self.bind.rpartition(':')
         return host or '127.0.0.1', int(port)

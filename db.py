@@ -438,6 +438,14 @@ class Database:
     # -- hosts and their remote browser sessions ----------------------------------------
 
     @reconnects
+    def agreed_setting(self, name, value):
+        """The value of `name` every host agrees on: the first host's, stored if none is yet."""
+        with self.transaction() as cur:
+            cur.execute('INSERT IGNORE INTO cluster_settings (name, value) VALUES (%s, %s)', (name, value))
+            cur.execute('SELECT value FROM cluster_settings WHERE name = %s', (name,))
+            return cur.fetchone()['value']
+
+    @reconnects
     def host(self, host_id):
         """The host row of `host_id` with `silent_seconds` since its heartbeat, or None."""
         with self.transaction() as cur:
@@ -659,9 +667,21 @@ class Database:
 
     @reconnects
     def record_evidence(self, task_id, attempt, files):
+        """Keep a failed attempt's evidence, {file name: bytes}, and list it on the attempt."""
         with self.transaction() as cur:
+            cur.executemany('REPLACE INTO evidence_files (task_id, attempt, name, data) VALUES (%s, %s, %s, %s)',
+                            [(task_id, attempt, name, data) for name, data in files.items()])
             cur.execute('UPDATE publish_history SET evidence = %s WHERE task_id = %s AND attempt = %s',
-                        (json.dumps(files), task_id, attempt))
+                        (json.dumps([name for name in files]), task_id, attempt))
+
+    @reconnects
+    def evidence_file(self, task_id, attempt, name):
+        """The bytes of one evidence file, or None."""
+        with self.transaction() as cur:
+            cur.execute('SELECT data FROM evidence_files WHERE task_id = %s AND attempt = %s AND name = %s',
+                        (task_id, attempt, name))
+            row = cur.fetchone()
+        return bytes(row['data']) if row else None
 
     @reconnects
     def evidence_of(self, task_ids):

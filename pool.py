@@ -18,6 +18,15 @@ room before it claims a task (an idle browser set aside, or leave to start one),
 extra windows wiped, then idle) or `discard()`s it after a failure mid-task. Each browser is
 in exactly one state: starting, idle, working, wiping or closing.
 
+Browsers behind a remote WebDriver (TOPN_WEBDRIVER_URL, a Selenium Grid): the Grid's slots
+are the cluster-wide cap and `max_drivers` this host's share of them. A Grid queues a
+new-session request while its slots are taken, so a remote room holds a browser already
+started (or an idle one checked alive) before any task is claimed; a session the Grid ended
+fails the task's next command, the task is retried as after any browser crash, and the
+pool replaces the browser. Idle sessions are quit before the Grid's session timeout
+(`Config.browser_idle_limit`), all of them on close(), and each is recorded through
+`sessions` so that another host can end those of a worker or host that died.
+
 Finding a worker's browser processes. Chromium's children re-parent to init (zygotes linger
 ~2 s after `quit()`, crashpad handlers always), so walking the process tree from the worker
 misses them. Instead every process a driver starts carries a path in its command line:

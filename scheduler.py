@@ -23,9 +23,7 @@ import datetime
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 import uuid
 import zoneinfo
@@ -572,8 +570,6 @@ class Scheduler:
     def delete_expired_tasks(self):
         """Old finished tasks go after TOPN_RETENTION_DAYS, their evidence with them."""
         task_ids = self.db.delete_finished_before(self.config.retention_days)
-        for task_id in task_ids:
-            shutil.rmtree(os.path.join(self.config.evidence_dir, task_id), ignore_errors=True)
         if task_ids:
             log.info('deleted %d tasks finished more than %g days ago', len(task_ids), self.config.retention_days)
         return len(task_ids)

@@ -192,3 +192,19 @@ CREATE TABLE IF NOT EXISTS browser_sessions (
     KEY ix_sessions_host (host_id),
     KEY ix_sessions_worker (worker_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+-- The files a failed attempt saved (screenshot, page, URL, the platform's answer), in MySQL
+-- so that any web host serves what any worker host saw; they go with their task.
+CREATE TABLE IF NOT EXISTS evidence_files (
+    task_id     CHAR(36)     NOT NULL,
+    attempt     INT UNSIGNED NOT NULL,
+    name        VARCHAR(32)  NOT NULL,
+    data        MEDIUMBLOB   NOT NULL,
+    PRIMARY KEY (task_id, attempt, name),
+    CONSTRAINT fk_evidence_task FOREIGN KEY (task_id) REFERENCES publish_tasks (task_id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+-- Facts every host must agree on. `secret_key_check`: a digest of TOPN_SECRET_KEY, so a host
+-- started with another key is refused instead of failing every login it cannot decrypt.
+CREATE TABLE IF NOT EXISTS cluster_settings (
+    name        VARCHAR(64)  NOT NULL PRIMARY KEY,
+    value       VARCHAR(255) NOT NULL
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -42,7 +42,7 @@ import auth
 import pages
 import sandbox
 import web
-from accounts import AccountStore, LoginChecker, load_secret_key
+from accounts import AccountStore, LoginChecker, SecretKeyMismatch, check_secret_key, load_secret_key
 from config import Config, ConfigError
 from db import Database, DatabaseUnavailable
 from errors import Refused
@@ -120,7 +120,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         try:
             self.start()
-        except HostIdInUse as error:
+        except (HostIdInUse, SecretKeyMismatch) as error:
             log.error('%s', error)
             return 1
         gc.freeze()
@@ -134,6 +134,7 @@ class Supervisor:
         """This host's row among the hosts first (a supervisor that finds a database in use
         by other hosts simply joins them), then the browser leases (the web app's login
         checks and the workers share them), then the web app, then the workers."""
+        check_secret_key(self.db, load_secret_key(self.config))
         self.presence.join(web=self.run_web)
         self._start_lease_registry()
         if self.run_web:

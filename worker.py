@@ -9,7 +9,6 @@ process exits. `run_one_step()` is one slot step (browser room, claim, publish) 
 
 import logging
 import os
-import pathlib
 import signal
 import threading
 import time
@@ -185,13 +184,12 @@ class Worker:
     def _save_evidence(self, attempt, answer=None):
         if attempt.driver is None:
             return
-        folder = pathlib.Path(self.config.evidence_dir) / attempt.task_id / str(attempt.number)
-        files = capture_evidence(attempt.driver, folder, answer)
+        files = capture_evidence(attempt.driver, answer)
         if files:
             try:
                 self.db.record_evidence(attempt.task_id, attempt.number, files)
             except DatabaseUnavailable as error:
-                log.warning('task %s: evidence saved in %s but not recorded: %s', attempt.task_id, folder, error)
+                log.warning('task %s attempt %s: evidence not kept: %s', attempt.task_id, attempt.number, error)
 
     def _hand_back_driver(self, attempt, clean):
         """A driver whose task ended cleanly is wiped and pooled; any other is quit.

@@ -10,6 +10,8 @@ import images
 from publishers.base import PublishError
 from tasks import EVIDENCE_FILES
 
+EVIDENCE_MAX_BYTES = 4 * 1024 * 1024
+
 FETCH_JS = """
 const [method, url, body, headers, done] = arguments;
 fetch(url, {method, credentials: 'include', headers: Object.assign({'content-type': 'application/json'}, headers),
@@ -125,25 +127,22 @@ def wait_for(condition, timeout, what, interval=0.1):
         time.sleep(interval)
 
 
-def capture_evidence(driver, folder, answer=None):
-    """Save what the browser showed when an attempt failed: a screenshot, the page HTML and
-    the URL, and the platform's answer (JSON text) when there is one. Returns the file names
-    saved; a browser too broken to answer saves fewer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = []
-    savers = {
-        'url.txt': lambda path: path.write_text(driver.current_url + '\n', encoding='utf-8'),
-        'page.html': lambda path: path.write_text(driver.page_source, encoding='utf-8'),
-        'screenshot.png': lambda path: driver.save_screenshot(str(path)),
-        'answer.json': lambda path: path.write_text(answer, encoding='utf-8'),
+def capture_evidence(driver, answer=None):
+    """What the browser showed when an attempt failed, {file name: bytes}: a screenshot, the
+    page HTML and the URL, and the platform's answer (JSON text) when there is one. A browser
+    too broken to answer gives fewer; a page over EVIDENCE_MAX_BYTES is cut there."""
+    takers = {
+        'url.txt': lambda: (driver.current_url + '\n').encode(),
+        'page.html': lambda: driver.page_source.encode('utf-8')[:EVIDENCE_MAX_BYTES],
+        'screenshot.png': lambda: driver.get_screenshot_as_png(),
+        'answer.json': lambda: answer.encode('utf-8')[:EVIDENCE_MAX_BYTES],
     }
+    files = {}
     for name in EVIDENCE_FILES:
-        save = savers[name]
         if name == 'answer.json' and answer is None:
             continue
         try:
-            save(folder / name)
-            saved.append(name)
-        except (WebDriverException, OSError):
+            files[name] = takers[name]()
+        except WebDriverException:
             continue
-    return saved
+    return files

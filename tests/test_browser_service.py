@@ -26,10 +26,10 @@ def sandbox_platform(platform):
 @pytest.fixture
 def browser_service(start_service, sandbox_platform, tmp_path, config):
     """Start the service publishing to the sandbox; settings as TOPN_* overrides."""
-    def start(**env):
-        return start_service(TOPN_SANDBOX_URL=sandbox_platform.url, TOPN_SECRET_KEY=SECRET,
-                             TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'),
-                             **env)
+    def start(*args, **env):
+        settings = dict(TOPN_SANDBOX_URL=sandbox_platform.url, TOPN_SECRET_KEY=SECRET,
+                        TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'))
+        return start_service(*args, **{**settings, **env})
     return start
 
 
@@ -250,3 +250,25 @@ def test_pacing_spaces_publishes_on_one_account_across_workers(browser_service, 
 def _seconds(iso):
     import datetime
     return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def test_evidence_a_worker_host_saved_is_served_by_a_web_host_of_its_own(
+        browser_service, sandbox_user, sandbox_platform, tmp_path):
+    web = browser_service('--no-workers', TOPN_HOST_ID='web', TOPN_STATE_DIR=str(tmp_path / 'web-state'))
+    browser_service('--no-web', TOPN_HOST_ID='worker', TOPN_STATE_DIR=str(tmp_path / 'worker-state'),
+                    TOPN_MAX_RETRIES=0, TOPN_WORKERS=1)
+    sandbox_platform.faults(too_frequent=True)
+    alice = sandbox_user('alice')
+    [task_id] = create(web, alice, batch(1, platform='sandbox'))
+
+    [task] = wait_until(lambda: all_finished(web, alice, [task_id]), timeout=90, message='the attempt')
+
+    files = {name.rpartition('/')[2]: name for name in task['evidence'][0]['files']}
+    assert {'url.txt', 'page.html', 'screenshot.png'} <= set(files)
+    with urllib.request.urlopen(urllib.request.Request(web.url + files['screenshot.png'], headers=alice.headers),
+                                timeout=10) as response:
+        assert response.headers['Content-Type'] == 'image/png' and response.read(8) == b'\x89PNG\r\n\x1a\n'
+    with urllib.request.urlopen(urllib.request.Request(web.url + files['page.html'], headers=alice.headers),
+                                timeout=10) as response:
+        assert response.headers['Content-Security-Policy'] == 'sandbox'
+        assert b'</html>' in response.read()

@@ -182,3 +182,16 @@ def test_a_host_id_held_by_a_live_supervisor_on_another_machine_is_refused(confi
 
     with pytest.raises(HostIdInUse, match="in use by a live supervisor on another machine boot 1234"):
         presence.join(web=False)
+
+
+def test_a_host_with_another_secret_key_than_the_others_refuses_to_start(start_service, config, tmp_path):
+    start_service('--no-web', TOPN_HOST_ID='first', TOPN_SECRET_KEY='the key of the team', TOPN_WORKERS=1)
+
+    second = subprocess.run([sys.executable, str(ROOT / 'topn.py'), 'serve', '--no-web'], cwd=ROOT,
+                            env={**os.environ, 'TOPN_MYSQL_URL': config.mysql_url, 'TOPN_REDIS_URL': config.redis_url,
+                                 'TOPN_REDIS_PREFIX': config.redis_prefix, 'TOPN_HOST_ID': 'second',
+                                 'TOPN_STATE_DIR': str(tmp_path / 'second')},
+                            capture_output=True, text=True, timeout=60)
+
+    assert second.returncode == 1
+    assert 'set TOPN_SECRET_KEY to the same value on every host' in second.stderr

@@ -10,7 +10,6 @@ import html.parser
 import http.cookies
 import io
 import json
-import pathlib
 import sys
 import time
 import uuid
@@ -219,12 +218,9 @@ def fail_with_evidence(db, config, task_id, state_dir):
     """Run one attempt of a task to failure the way a worker records it, with evidence files."""
     attempt = db.start_attempt(task_id, 'test-worker', config.lease_ttl)['attempt']
     assert db.end_attempt(task_id, attempt, 'failed', 'failed', error='平台拒绝了这篇文章')
-    folder = pathlib.Path(state_dir) / 'evidence' / task_id / str(attempt)
-    folder.mkdir(parents=True)
-    (folder / 'screenshot.png').write_bytes(b'\x89PNG\r\n\x1a\nnot-really-a-png')
-    (folder / 'page.html').write_text('<html><script>alert(1)</script></html>')
-    (folder / 'url.txt').write_text('http://platform.example/write')
-    db.record_evidence(task_id, attempt, ['screenshot.png', 'page.html', 'url.txt'])
+    db.record_evidence(task_id, attempt, {'screenshot.png': b'\x89PNG\r\n\x1a\nnot-really-a-png',
+                                          'page.html': b'<html><script>alert(1)</script></html>',
+                                          'url.txt': b'http://platform.example/write'})
     return attempt
 
 

@@ -116,15 +116,13 @@ def test_finished_tasks_past_the_retention_are_deleted_with_their_evidence(
     old, recent, pending = keeping.submit_batch(alice.id, batch(3))
     for task_id in (old, recent):
         keeping.record_failure(keeping.claim('w'), 'boom', retryable=False)
-    evidence = tmp_path / 'evidence' / old / '1'
-    evidence.mkdir(parents=True)
-    (evidence / 'url.txt').write_text('x')
+    db.record_evidence(old, 1, {'url.txt': b'x'})
     with db.transaction() as cur:
         cur.execute('UPDATE publish_tasks SET completed_at = NOW(3) - INTERVAL 2 DAY WHERE task_id = %s', (old,))
 
     assert keeping.delete_expired_tasks() == 1
 
     assert db.task_for_user(alice.id, old) is None and not db.history(old)
-    assert not (tmp_path / 'evidence' / old).exists()
+    assert db.evidence_file(old, 1, 'url.txt') is None
     assert db.task_for_user(alice.id, recent)['status'] == 'failed'
     assert db.task_for_user(alice.id, pending)['status'] == 'pending'
