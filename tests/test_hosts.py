@@ -195,3 +195,60 @@ def test_a_host_with_another_secret_key_than_the_others_refuses_to_start(start_s
 
     assert second.returncode == 1
     assert 'set TOPN_SECRET_KEY to the same value on every host' in second.stderr
+
+
+def reapers_of_hosts(config, db, redis_client, count):
+    from publishers import load_publishers
+    from scheduler import Scheduler
+    return [Scheduler(dataclasses.replace(config, host_id=f'host-{i}'), db, redis_client, load_publishers(config))
+            for i in range(count)]
+
+
+def all_at_once(functions):
+    """Run the functions in threads released together; their results in order."""
+    import threading
+    barrier, results = threading.Barrier(len(functions)), [None] * len(functions)
+
+    def run(index):
+        barrier.wait()
+        results[index] = functions[index]()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(functions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_reapers_of_several_hosts_at_once_take_each_dead_hosts_task_back_once(
+        config, db, redis_client, scheduler, make_user):
+    alice = make_user('alice')
+    task_ids = scheduler.submit_batch(alice.id, batch(6))
+    for _ in task_ids:
+        assert scheduler.claim('dead-host:1') is not None
+    with db.transaction() as cur:
+        cur.execute("UPDATE publish_tasks SET lease_expires_at = NOW(3) - INTERVAL 1 SECOND")
+
+    reapers = reapers_of_hosts(config, db, redis_client, 3)
+    taken_back = all_at_once([reaper.requeue_overdue_attempts for reaper in reapers])
+
+    assert sum(taken_back) == 6
+    for task_id in task_ids:
+        assert [h['outcome'] for h in db.history(task_id)] == ['lost']
+        assert db.task_for_user(alice.id, task_id)['retry_count'] == 1
+
+
+def test_reapers_of_several_hosts_at_once_queue_each_due_scheduled_task_once(
+        config, db, redis_client, scheduler, make_user):
+    import datetime
+    alice = make_user('alice')
+    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)).isoformat()
+    task_ids = scheduler.submit_batch(alice.id, {**batch(5), 'publish_at': soon})
+    with db.transaction() as cur:
+        cur.execute("UPDATE publish_tasks SET publish_at = NOW(3) - INTERVAL 1 SECOND")
+
+    reapers = reapers_of_hosts(config, db, redis_client, 3)
+    queued = all_at_once([reaper.queue_due_scheduled for reaper in reapers])
+
+    assert sum(queued) == 5
+    assert sorted(redis_client.lrange(scheduler.keys.queue(alice.id), 0, -1)) == sorted(task_ids)
