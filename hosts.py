@@ -116,11 +116,11 @@ class HostPresence:
         ended = 0
         for session_id in session_ids:
             try:
-                ended += end_remote_session(self.config.webdriver_url, session_id)
+                end_remote_session(self.config.webdriver_url, session_id)
             except (urllib.error.URLError, OSError) as error:
                 log.warning('could not end remote session %s of %s: %s', session_id, owner, first_line(error))
                 continue
             self.db.session_ended(session_id)
+            ended += 1
         if session_ids:
-            log.warning('%s held %d remote browser sessions; %d were still open and are ended',
-                        owner, len(session_ids), ended)
+            log.warning('%s held %d remote browser sessions; %d ended', owner, len(session_ids), ended)

@@ -79,6 +79,7 @@ WIPE_TIMEOUT = 15.0
 PROCESS_EXIT_TIMEOUT = 5.0
 LEASE_POLL = 0.25
 ROOM_POLL = 0.25
+REMOTE_RETRY_PAUSE = 2.0  # after a remote WebDriver refused a new session (one down, not one full)
 
 STARTING, IDLE, WORKING, WIPING, CLOSING = 'starting', 'idle', 'working', 'wiping', 'closing'
 
@@ -261,6 +262,8 @@ class DriverPool:
         self._browsers = []
         self._start_rooms = 0
         self._closed = False
+        self._remote_failure = None
+        self._remote_retry_at = float('-inf')
 
     @classmethod
     def from_config(cls, leases, config, sessions=None):
@@ -309,6 +312,9 @@ class DriverPool:
         """A Grid may queue a new-session request for as long as its session-request-timeout,
         so a remote browser is started before any task is claimed for it: a request waiting
         for a slot holds no task, and a Grid with no slot free fails no task."""
+        if self._clock() < self._remote_retry_at:
+            self._leases.give_back_permit(self.pid)
+            return None, f'the WebDriver endpoint gave no browser a moment ago: {self._remote_failure}'
         try:
             browser = self._start_browser()
         except (PoolBusy, PoolClosed) as error:
@@ -316,8 +322,15 @@ class DriverPool:
             return None, str(error)
         except Exception as error:
             self._leases.give_back_permit(self.pid)
-            log.warning('no browser from %s: %s', self.webdriver_url, first_line(error))
-            return None, f'the WebDriver endpoint gave no browser: {first_line(error)}'
+            if self._remote_failure is None:
+                log.warning('no browser from %s (retrying every %g s): %s', self.webdriver_url,
+                            REMOTE_RETRY_PAUSE, first_line(error))
+            self._remote_failure = first_line(error)
+            self._remote_retry_at = self._clock() + REMOTE_RETRY_PAUSE
+            return None, f'the WebDriver endpoint gave no browser: {self._remote_failure}'
+        if self._remote_failure is not None:
+            log.info('%s gives browsers again', self.webdriver_url)
+            self._remote_failure = None
         return Room(browser), None
 
     def _newest_idle(self):
@@ -648,15 +661,15 @@ def first_line(error):
 
 def end_remote_session(webdriver_url, session_id, timeout=10):
     """End a session at a WebDriver endpoint without holding its driver (`DELETE /session/<id>`),
-    for sessions whose owner died. True when it ended now, False when it was already gone."""
+    for sessions whose owner died. A session already gone is no error (404, or 200 from an
+    endpoint for which ending is idempotent)."""
     request = urllib.request.Request(f'{webdriver_url.rstrip("/")}/session/{session_id}', method='DELETE')
     try:
         with urllib.request.urlopen(request, timeout=timeout):
-            return True
+            pass
     except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return False
-        raise
+        if error.code != 404:
+            raise
 
 
 def call_with_timeout(function, seconds):

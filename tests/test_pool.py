@@ -17,8 +17,8 @@ import time
 import pytest
 
 from conftest import answers, free_port, wait_until
-from pool import (DriverPool, PoolBusy, PoolTimeout, browser_marker, kill_browser_processes, kill_until_gone,
-                  lease_registry, visited_origins, working_limit)
+from pool import (DriverPool, PoolBusy, PoolTimeout, browser_marker, end_remote_session, kill_browser_processes,
+                  kill_until_gone, lease_registry, visited_origins, working_limit)
 
 USER_PAGE = b"""<!doctype html><title>loading</title><script>
 document.cookie = 'user_' + location.port + '=A; max-age=3600; path=/';
@@ -462,6 +462,81 @@ def test_remote_webdriver_url_drivers_hold_leases_and_are_wiped(manager, make_po
         assert state_on(driver, origins[0]) == NOTHING
         pool.discard(driver)
         assert leases.live() == 0
+    finally:
+        pool.close()
+        chromedriver.kill()
+        chromedriver.wait()
+
+
+class RecordedSessions:
+    def __init__(self):
+        self.live = []
+
+    def started(self, session_id):
+        self.live.append(session_id)
+
+    def ended(self, session_id):
+        self.live.remove(session_id)
+
+
+def test_a_remote_room_holds_a_started_browser_and_an_endpoint_that_is_down_holds_nothing(
+        manager, make_pool, origins):
+    """Before a task is claimed: a remote browser is started (a Grid may queue the request
+    while its slots are taken), so a slot never holds a task while it waits for a browser."""
+    port = free_port()
+    url = f'http://127.0.0.1:{port}'
+    leases = lease_registry(manager, 2, 2)
+    sessions = RecordedSessions()
+    pool = make_pool(leases, webdriver_url=url, sessions=sessions)
+    chromedriver = None
+    try:
+        assert pool.reserve() is None  # nothing answers there yet
+        assert (leases.live(), leases.working(), pool.stats()['live']) == (0, 0, 0)
+
+        chromedriver = subprocess.Popen(['/usr/bin/chromedriver', f'--port={port}'], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_until(lambda: answers(url + '/status'), timeout=10, message='the remote chromedriver to answer')
+        room = wait_until(pool.reserve, timeout=10, message='a room once the endpoint answers')
+        assert room.browser is not None and room.browser.driver.session_id in sessions.live
+        assert leases.live() == 1 and leases.working() == 1
+
+        pool.cancel(room)  # the claim found no task: the browser idles, warm
+        assert pool.stats()['idle'] == 1 and leases.working() == 0
+        again = pool.reserve()
+        assert again.browser is room.browser
+        driver = pool.acquire(room=again)
+        load_user_page(driver, origins[0] + '/user')
+        pool.release(driver)
+        assert state_on(driver, origins[0]) == NOTHING
+    finally:
+        pool.close()
+        if chromedriver:
+            chromedriver.kill()
+            chromedriver.wait()
+    assert sessions.live == [] and leases.live() == 0
+
+
+def test_an_idle_remote_browser_whose_session_was_ended_is_replaced_before_any_claim(manager, make_pool):
+    port = free_port()
+    url = f'http://127.0.0.1:{port}'
+    chromedriver = subprocess.Popen(['/usr/bin/chromedriver', f'--port={port}'], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+    leases = lease_registry(manager, 1, 1)
+    sessions = RecordedSessions()
+    pool = make_pool(leases, webdriver_url=url, sessions=sessions)
+    try:
+        wait_until(lambda: answers(url + '/status'), timeout=10, message='the remote chromedriver to answer')
+        first = pool.reserve()
+        ended = first.browser.driver.session_id
+        pool.cancel(first)
+        end_remote_session(url, ended)  # as a Grid's session timeout would
+        end_remote_session(url, ended)  # a session already gone is no error
+
+        replaced = pool.reserve()
+
+        assert replaced.browser is not first.browser and replaced.browser.driver.session_id != ended
+        assert sessions.live == [replaced.browser.driver.session_id] and leases.live() == 1
+        pool.cancel(replaced)
     finally:
         pool.close()
         chromedriver.kill()
