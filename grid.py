@@ -221,8 +221,9 @@ def status(url):
 
 
 def live_sessions(url):
-    """The ids of every session the Grid holds now, on every node."""
-    return [slot['session']['sessionId'] for node in status(url).get('nodes', ())
+    """The ids of the sessions the Grid holds now on nodes that are not DOWN. A node that died
+    stays listed DOWN with the sessions it had, which no command reaches any more."""
+    return [slot['session']['sessionId'] for node in status(url).get('nodes', ()) if node['availability'] != 'DOWN'
             for slot in node['slots'] if slot['session']]
 
 
