@@ -3,6 +3,7 @@ comes to what this machine can do, what keeping browsers warm is worth, and the 
 
     .venv/bin/python bench/browser.py --runs 3
     .venv/bin/python bench/browser.py --runs 1 --users 2 --per-user 3 --skip-baseline
+    .venv/bin/python bench/browser.py --runs 3 --webdriver-url http://127.0.0.1:4445 --hosts 2
 
 Workload: `--users` users (10) each send one batch of `--per-user` articles (10) to the sandbox
 platform, all at once, through the JSON API (`POST /api/publish/create_batch`), with 8 browsers
@@ -25,6 +26,22 @@ does, each phase on a fresh service and a fresh sandbox:
    (`ratio_to_limit_until_completion`).
 2. baseline (TOPN_DRIVER_REUSE=0, unless --skip-baseline): the same workload, a fresh browser
    per task; speedup_vs_fresh_browser = its wall / the main wall.
+
+With `--webdriver-url URL` (a Selenium Grid with TOPN_MAX_DRIVERS free slots, e.g. `python
+grid.py standalone --port 4445 --slots 8`) a run compares where the browsers live instead, with
+no warm probes and no baseline, each phase on a fresh service and sandbox:
+1. local: the workload through local chromedriver, as above;
+2. grid: the same workload with TOPN_WEBDRIVER_URL=URL: every browser is a session at the Grid;
+   grid_to_local = its wall / the local wall;
+3. grid_two_hosts (`--hosts 2`): the same Grid workload run by two services on one MySQL
+   database and Redis key prefix, as two hosts of one installation: TOPN_HOST_ID bench-host-a
+   serves the web app, bench-host-b runs `serve --no-web`, each with half of TOPN_WORKERS and of
+   TOPN_MAX_DRIVERS (leases are per host, so together they ask for as many browsers as one);
+   two_hosts_to_one_host = its wall / the one-host Grid wall.
+Both hosts run on this machine, so the second host adds processes, not CPUs: the figure shows
+what splitting the service costs or gains, not what a second machine would. Browsers behind the
+Grid are the Grid's processes, outside this benchmark's groups (their CPU shows only in the
+machine's busy share); the Grid's sessions are sampled instead (`max_grid_sessions`).
 
 The service and the sandbox are started by bench/harness.py (its `Service`, `Sandbox` and
 `Client`): `topn.py serve` on a free loopback port with a throwaway MySQL database, Redis key
@@ -62,14 +79,20 @@ import time
 
 import pymysql
 
-from harness import (CLOCK_TICKS, MYSQL, MYSQL_NAMES, PUBLISH_LATENCY_MS, REDIS_NAMES, SERVICE_DEFAULTS, TERMINAL,
-                     Client, Sandbox, Service, busy_percent, code_under_test, descendants, inherited_settings,
-                     is_error_line, list_processes, log, machine_cpu_ticks, machine_facts, medians, percentile,
-                     pss_kb, repeat_runs, rss_kb, timestamp)
+from harness import (CLOCK_TICKS, MYSQL, MYSQL_NAMES, PUBLISH_LATENCY_MS, REDIS_NAMES, ROOT, SERVICE_DEFAULTS,
+                     START_TIMEOUT, TERMINAL, Client, Sandbox, Service, busy_percent, code_under_test, descendants,
+                     inherited_settings, is_error_line, list_processes, log, machine_cpu_ticks, machine_facts,
+                     medians, percentile, pss_kb, repeat_runs, rss_kb, start_process_group, timestamp)
+
+sys.path.insert(0, str(ROOT))
+
+import grid  # noqa: E402  (the project's modules are importable once ROOT is on the path)
 
 BROWSER_DEFAULTS = {**SERVICE_DEFAULTS, 'TOPN_MAX_DRIVERS': '8', 'TOPN_PACING_SANDBOX': '0'}
 SET_BY_BENCHMARK = ('TOPN_DRIVER_REUSE', 'TOPN_SANDBOX_URL', 'TOPN_SANDBOX_BIND', 'TOPN_BROWSER_ROOT',
-                    'TOPN_STATE_DIR', 'TOPN_SECRET_KEY')
+                    'TOPN_STATE_DIR', 'TOPN_SECRET_KEY', 'TOPN_WEBDRIVER_URL', 'TOPN_HOST_ID')
+HOST_IDS = ('bench-host-a', 'bench-host-b')
+WARM_UP_TITLE = ' browser warm-up #'  # in the titles of the tasks that start the browsers before a workload
 # Each probe's CPU is a sum of 10 ms ticks over a dozen processes, so one probe reads up to
 # ~0.1 CPU-s off either way; the CPU figures are the mean over WARM_PROBES (5 probes' median
 # moved by 20 % from run to run on unchanged code). What spread is left between runs is the
@@ -157,23 +180,48 @@ NOTES = {
                                                  'browser before it goes back to the pool',
 }
 
+GRID_NOTES = {
+    'local_wall_seconds': 'the workload through local chromedriver (as wall_seconds without --webdriver-url): '
+                          'max(completed_at) - min(created_at) over its tasks; starts with no browser running',
+    'grid_wall_seconds': 'the same workload on a fresh service whose browsers are sessions at the Grid '
+                         '(TOPN_WEBDRIVER_URL); starts with no session open',
+    'grid_to_local': 'grid_wall_seconds / local_wall_seconds, within one run',
+    'grid_two_hosts_wall_seconds': 'the same Grid workload sent to one service but run by two: bench-host-a '
+                                   '(web app and half the workers and TOPN_MAX_DRIVERS) and bench-host-b '
+                                   '(serve --no-web, the other half), one MySQL database and Redis prefix',
+    'two_hosts_to_one_host': 'grid_two_hosts_wall_seconds / grid_wall_seconds, within one run',
+    '*_max_concurrency': 'most tasks running at one moment in that phase',
+    '*_machine_cpu_busy_percent': 'all CPUs of the machine over the workload, /proc/stat: the Grid, its browsers '
+                                  'and other users of the machine included',
+    '*_cpu_seconds_service': 'CPU-seconds of the serve processes (all hosts) over the workload',
+    'working limit': 'local browsers work at most TOPN_WORKING_PER_CORE per core at once; remote ones up to '
+                     'TOPN_MAX_DRIVERS (pool.working_limit): the Grid phases may run more tasks at once',
+    'details.*.browsers / pss': "the Grid's browsers are the Grid's processes, in no group of this benchmark: "
+                                'the browsers group and its memory are empty in the Grid phases',
+    'details.*.max_grid_sessions': 'most sessions the Grid held at one 0.5 s sample',
+    'grid_sessions_left': f'sessions still at the Grid {LEFTOVER_GRACE:g} s after a service stopped, over the '
+                          'phases (want: 0; they are ended afterwards)',
+    'duplicates / tasks_not_succeeded / retries': 'summed over the phases of the run',
+}
+
 
 # -- processes ------------------------------------------------------------------------------
 
 class ProcessGroups:
     """Sorts the machine's processes into the groups this benchmark reports: `browsers` (the
     browser marker in the command line, wherever the process hangs in the tree), `service`
-    (the rest of the serve process's tree), `sandbox`, `mysql` and `redis`."""
+    (the rest of the trees of the serve processes, one per host), `sandbox`, `mysql` and
+    `redis`. Browsers behind a Grid belong to the Grid's process, in no group."""
 
-    def __init__(self, serve_pid, marker, sandbox_pid):
-        self.serve_pid = serve_pid
+    def __init__(self, serve_pids, marker, sandbox_pid):
+        self.serve_pids = serve_pids
         self.marker = marker.encode()
         self.sandbox_pid = sandbox_pid
         self.folder = re.compile(re.escape(self.marker) + rb'w\d+/\d+/')
 
     def classify(self, processes):
         """{pid: group} of the processes that belong to a group."""
-        tree = descendants(self.serve_pid, processes)
+        tree = set().union(*(descendants(pid, processes) for pid in self.serve_pids))
         sandbox = descendants(self.sandbox_pid, processes)
         groups = {}
         for pid, proc in processes.items():
@@ -198,7 +246,7 @@ class ProcessGroups:
     def service_role(self, proc):
         """Which of the service's processes this is: the supervisor (which also serves the web
         app and runs the reaper), a worker, or the lease manager."""
-        if proc.pid == self.serve_pid:
+        if proc.pid in self.serve_pids:
             return 'supervisor'
         return 'workers' if proc.comm == 'topn-worker' else 'manager'
 
@@ -233,9 +281,11 @@ class Sampler(threading.Thread):
     always a sum of readings taken in one sample.
     """
 
-    def __init__(self, groups):
+    def __init__(self, groups, grid_url=None):
         super().__init__(name='sampler', daemon=True)
         self.groups = groups
+        self.grid_url = grid_url
+        self.max_grid_sessions = None
         self.stopping = threading.Event()
         self.samples = 0
         self.pss_reads = 0
@@ -287,6 +337,9 @@ class Sampler(threading.Thread):
         self.max_live_drivers = max(self.max_live_drivers, sum(
             1 for (pid, _), group in grouped.items() if group == 'browsers' and processes[pid].comm == 'chromedriver'))
         self.folders |= self.groups.browser_folders({pid: processes[pid] for pid, _ in grouped})
+        if self.grid_url:
+            with contextlib.suppress(OSError):
+                self.max_grid_sessions = max(self.max_grid_sessions or 0, len(grid.live_sessions(self.grid_url)))
 
     def _pss_by_group(self, grouped, fresh):
         """PSS sums by group; `fresh` reads every process not already read in this sample."""
@@ -318,6 +371,7 @@ class Sampler(threading.Thread):
             'pss_mb_redis': mb(self.peak_kb['redis']),
             'pss_mb_sandbox': mb(self.peak_kb['sandbox']),
             'max_live_drivers': self.max_live_drivers,
+            'max_grid_sessions': self.max_grid_sessions,
             'browsers_started': len(self.folders),
             'cpu_seconds_by_group': cpu,
             'service_cpu_seconds_by_process': roles,
@@ -336,18 +390,28 @@ def mb(kb):
 # -- one phase: a fresh service and sandbox, the workload, the figures --------------------------
 
 class Phase:
-    """Everything one service instance needs: its sandbox, temp dirs, users and their logins."""
+    """Everything one service instance needs: its sandbox, temp dirs, users and their logins;
+    its browsers behind `webdriver_url` if given, and with `hosts` 2 a second host beside it."""
 
-    def __init__(self, name, reuse, args, log_dir):
+    def __init__(self, name, reuse, args, log_dir, webdriver_url=None, hosts=1):
         self.name = name
         self.args = args
+        self.webdriver_url = webdriver_url
         self.work_dir = pathlib.Path(tempfile.mkdtemp(prefix=f'topn-bench-browser-{name}-'))
         self.sandbox = Sandbox(log_dir / f'{name}-sandbox.log')
         self.settings = {**service_settings(), 'TOPN_DRIVER_REUSE': '1' if reuse else '0',
                          'TOPN_SECRET_KEY': secrets.token_hex(16), 'TOPN_STATE_DIR': str(self.work_dir / 'state'),
                          'TOPN_BROWSER_ROOT': str(self.work_dir / 'browsers'),
                          'TOPN_SANDBOX_URL': self.sandbox.url, 'TOPN_SANDBOX_BIND': f'127.0.0.1:{self.sandbox.port}'}
-        self.service = Service(self.settings, log_dir / f'{name}-service.log')
+        if webdriver_url:
+            self.settings['TOPN_WEBDRIVER_URL'] = webdriver_url
+        self.extra_hosts = []
+        if hosts == 2:
+            self.settings, second = split_between_hosts(self.settings, self.work_dir)
+            self.service = Service(self.settings, log_dir / f'{name}-service.log')
+            self.extra_hosts.append(SecondHost(self.service, second, log_dir / f'{name}-service-b.log'))
+        else:
+            self.service = Service(self.settings, log_dir / f'{name}-service.log')
         self.marker = os.path.join(self.settings['TOPN_BROWSER_ROOT'], self.service.namespace) + '/'
         self.client = Client(self.service.url)
         self.tag = secrets.token_hex(3)
@@ -357,7 +421,13 @@ class Phase:
     def start(self):
         self.sandbox.start()
         self.service.start()
-        self.groups = ProcessGroups(self.service.process.pid, self.marker, self.sandbox.process.pid)
+        for host in self.extra_hosts:
+            host.start()
+        self.groups = ProcessGroups([service.process.pid for service in self.services()], self.marker,
+                                    self.sandbox.process.pid)
+
+    def services(self):
+        return [self.service] + self.extra_hosts
 
     def add_users(self, names):
         """TOP_N users, each with a sandbox account whose session is stored as its login. {name: token}."""
@@ -375,7 +445,8 @@ class Phase:
         remove the database, the Redis keys and the temp dirs. Safe to call after a failure."""
         started = time.monotonic()
         try:
-            self.service.stop()
+            for service in reversed(self.services()):
+                service.stop()
             self.stop_seconds = round(time.monotonic() - started, 1)
             self.leftover = self._leftover_browser_processes()
         finally:
@@ -400,9 +471,10 @@ class Phase:
 
     def log_summary(self):
         """Warnings and errors in the service log, the most frequent messages first."""
-        if not self.service.log_path.exists():
+        logged = [service for service in self.services() if service.log_path.exists()]
+        if not logged:
             return None
-        lines = self.service.logged_lines()
+        lines = [line for service in logged for line in service.logged_lines()]
         messages = collections.Counter()
         for line in lines:
             if ' WARNING ' in line or is_error_line(line):
@@ -411,6 +483,57 @@ class Phase:
         return {'warnings': sum(' WARNING ' in line for line in lines),
                 'errors': sum(map(is_error_line, lines)),
                 'top_messages': [{'count': n, 'message': m} for m, n in messages.most_common(8)]}
+
+
+def split_between_hosts(settings, work_dir):
+    """The settings of two hosts sharing one installation: each with half of TOPN_WORKERS and of
+    TOPN_MAX_DRIVERS (the leases are per host, so the pair still asks the Grid for as many
+    browsers as one host), a TOPN_HOST_ID, a state dir and a browser root of its own."""
+    workers, drivers = int(settings['TOPN_WORKERS']), int(settings['TOPN_MAX_DRIVERS'])
+    first = {**settings, 'TOPN_HOST_ID': HOST_IDS[0], 'TOPN_WORKERS': str(workers - workers // 2),
+             'TOPN_MAX_DRIVERS': str(drivers - drivers // 2)}
+    second = {**settings, 'TOPN_HOST_ID': HOST_IDS[1], 'TOPN_WORKERS': str(workers // 2),
+              'TOPN_MAX_DRIVERS': str(drivers // 2), 'TOPN_STATE_DIR': str(work_dir / 'state-b'),
+              'TOPN_BROWSER_ROOT': str(work_dir / 'browsers-b')}
+    return first, second
+
+
+class SecondHost(Service):
+    """`topn.py serve --no-web` on another service's MySQL database and Redis key prefix: a
+    second host of the same installation, workers and reaper only. The first service's
+    clean-up removes the database and keys they share."""
+
+    def __init__(self, first, settings, log_path):
+        super().__init__(settings, log_path)
+        self.database, self.prefix, self.namespace = first.database, first.prefix, first.namespace
+        self.url = None
+        self.env.update({'TOPN_MYSQL_URL': first.env['TOPN_MYSQL_URL'], 'TOPN_REDIS_PREFIX': first.prefix,
+                         'TOPN_BROWSER_NAMESPACE': first.namespace})
+
+    def start(self):
+        """Start it and wait until its supervisor holds its row in `hosts`: it has no web app to ask."""
+        self.process = start_process_group([sys.executable, 'topn.py', 'serve', '--no-web'], self.log_path, self.env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._registered_pid() != self.process.pid:
+            if self.process.poll() is not None:
+                raise RuntimeError(f'the second host exited with {self.process.returncode}; see {self.log_path}')
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'the second host did not register in {START_TIMEOUT:g} s; see {self.log_path}')
+            time.sleep(0.1)
+
+    def _registered_pid(self):
+        conn = pymysql.connect(**MYSQL, database=self.database, connect_timeout=5)
+        try:
+            with conn.cursor() as cur:
+                cur.execute('SELECT pid FROM hosts WHERE host_id = %s AND stopped_at IS NULL',
+                            (self.env['TOPN_HOST_ID'],))
+                row = cur.fetchone()
+                return row[0] if row else None
+        finally:
+            conn.close()
+
+    def clean_up(self):
+        pass
 
 
 def article_body(title):
@@ -457,7 +580,7 @@ def run_workload(phase, tokens):
     """The measured workload on a service with no browser running yet; figures from the task
     rows, the sandbox and the sampler."""
     tasks = len(tokens) * phase.args.per_user
-    sampler = Sampler(phase.groups)
+    sampler = Sampler(phase.groups, phase.webdriver_url)
     sampler.sample()
     sampler.start()
     load_before = os.getloadavg()[0]
@@ -469,7 +592,7 @@ def run_workload(phase, tokens):
         sampler.stop()
     rows_by_token = {token: phase.client.task_rows(token, ids) for token, ids in task_ids.items()}
     rows = [row for token_rows in rows_by_token.values() for row in token_rows]
-    articles = phase.sandbox.articles()
+    articles = [article for article in phase.sandbox.articles() if WARM_UP_TITLE not in article['title']]
     figures = {**task_figures(rows), **article_figures(articles, rows), **timeline_figures(rows, articles),
                **retry_figures(phase.client, rows_by_token),
                **sampler.figures(), 'loadavg_1m_during': [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -657,15 +780,21 @@ def browser_folders_on_disk(marker):
 
 # -- runs ----------------------------------------------------------------------------------------
 
-def run_phase(name, reuse, args, log_dir, warm):
-    phase = Phase(name, reuse, args, log_dir)
-    log(f'  {name}: starting the sandbox and the service (TOPN_DRIVER_REUSE={int(reuse)})')
+def run_phase(name, reuse, args, log_dir, warm, webdriver_url=None, hosts=1, warm_browsers=False):
+    if webdriver_url:
+        require_free_grid(webdriver_url, int(service_settings()['TOPN_MAX_DRIVERS']))
+    phase = Phase(name, reuse, args, log_dir, webdriver_url, hosts)
+    where = f'browsers at {webdriver_url}, {hosts} host(s)' if webdriver_url else 'local browsers'
+    log(f'  {name}: starting the sandbox and the service (TOPN_DRIVER_REUSE={int(reuse)}, {where})')
     try:
         phase.start()
         names = [f'user{i}' for i in range(args.users)]
-        tokens = phase.add_users(names + (['probe'] if warm else []))
+        tokens = phase.add_users(names + (['probe'] if warm else []) + (['warmup'] if warm_browsers else []))
         probe_token = tokens.pop('probe', None)
+        warmup_token = tokens.pop('warmup', None)
+        browsers_at_submit = start_browsers(phase, warmup_token) if warm_browsers else None
         figures = run_workload(phase, tokens)
+        figures['browsers_at_submit'] = browsers_at_submit
         if warm:
             log(f'  {name}: {WARM_PROBES} single tasks on warm browsers')
             figures['warm'] = measure_warm_tasks(phase, probe_token)
@@ -674,8 +803,91 @@ def run_phase(name, reuse, args, log_dir, warm):
         phase.stop()
     figures['service_stop_seconds'] = phase.stop_seconds
     figures['leftover_browser_processes'] = phase.leftover
+    if webdriver_url:
+        figures['grid_sessions_left'] = end_grid_sessions_left(webdriver_url)
     figures['service_log'] = phase.log_summary()
     return figures
+
+
+def start_browsers(phase, token):
+    """Warm the browsers before the workload: one sandbox task per TOPN_MAX_DRIVERS from a user
+    of its own, waited for. A pool behind a Grid opens its sessions before any task is there,
+    so without this only the local phase would pay for starting browsers. Returns how many
+    browsers are open then: local chromedrivers, or sessions at the Grid."""
+    count = int(service_settings()['TOPN_MAX_DRIVERS'])
+    titles = [f'{phase.name}-{phase.tag}{WARM_UP_TITLE}{i}' for i in range(count)]
+    log(f'  {phase.name}: warming the browsers with {count} tasks')
+    task_ids = phase.client.submit(token, 'sandbox', [{'title': title, 'content': article_body(title)}
+                                                      for title in titles])
+    wait_until_finished(phase.client, {token: task_ids}, timeout=120 + 6 * count)
+    if phase.webdriver_url:
+        return len(grid.live_sessions(phase.webdriver_url))
+    marker = phase.marker.encode()
+    return sum(1 for proc in list_processes().values() if proc.comm == 'chromedriver' and marker in proc.cmdline)
+
+
+def require_free_grid(url, drivers):
+    """The Grid answers with at least `drivers` free slots, or the comparison means nothing."""
+    try:
+        free = grid.free_slots(url)
+    except OSError as error:
+        raise RuntimeError(f'no Selenium Grid answers at {url} ({error}): start one with '
+                           f'`python grid.py standalone --port PORT --slots {drivers}`') from None
+    if free < drivers:
+        raise RuntimeError(f'the Grid at {url} has {free} free slots; the workload wants {drivers} '
+                           f'(TOPN_MAX_DRIVERS): give it --slots {drivers} and no other users')
+
+
+def end_grid_sessions_left(url):
+    """Sessions still at the Grid LEFTOVER_GRACE s after the service stopped (want: 0): counted,
+    then ended, so that the next phase finds every slot free."""
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while (sessions := grid.live_sessions(url)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for session_id in sessions:
+        grid.end_session(url, session_id)
+    if sessions:
+        log(f'  {len(sessions)} sessions outlived the service at the Grid; ended them')
+    return len(sessions)
+
+
+def run_once_with_grid(number, args, log_dir):
+    """The workload through local chromedriver, then through the Grid at --webdriver-url, then
+    (--hosts 2) through the Grid from two hosts; each phase on a fresh service and sandbox."""
+    load_start = os.getloadavg()[0]
+    phases = {'local': run_phase(f'local{number}', True, args, log_dir, warm=False, warm_browsers=True),
+              'grid': run_phase(f'grid{number}', True, args, log_dir, warm=False, webdriver_url=args.webdriver_url,
+                                warm_browsers=True)}
+    if args.hosts == 2:
+        phases['grid_two_hosts'] = run_phase(f'grid2h{number}', True, args, log_dir, warm=False,
+                                             webdriver_url=args.webdriver_url, hosts=2, warm_browsers=True)
+    walls = {name: phase['wall_seconds'] for name, phase in phases.items()}
+    figures = {'local_wall_seconds': walls['local'], 'grid_wall_seconds': walls['grid'],
+               'grid_to_local': ratio(walls['grid'], walls['local'])}
+    if args.hosts == 2:
+        figures['grid_two_hosts_wall_seconds'] = walls['grid_two_hosts']
+        figures['two_hosts_to_one_host'] = ratio(walls['grid_two_hosts'], walls['grid'])
+    for name, phase in phases.items():
+        figures[f'{name}_browsers_at_submit'] = phase['browsers_at_submit']
+        figures[f'{name}_articles_ok'] = phase['articles_ok']
+        figures[f'{name}_max_concurrency'] = phase.get('max_concurrency')
+        figures[f'{name}_machine_cpu_busy_percent'] = phase['machine_cpu_busy_percent']
+        figures[f'{name}_cpu_seconds_service'] = phase['cpu_seconds_by_group']['service']
+    figures.update({
+        'duplicates': sum(phase['duplicates'] for phase in phases.values()),
+        'tasks_not_succeeded': sum(phase['tasks'] - phase['tasks_succeeded'] for phase in phases.values()),
+        'retries': sum(phase['retries'] for phase in phases.values()),
+        'leftover_browser_processes': sum(phase['leftover_browser_processes'] or 0 for phase in phases.values()),
+        'grid_sessions_left': sum(phase.get('grid_sessions_left', 0) for phase in phases.values()),
+        'loadavg': [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        'details': phases,
+    })
+    log(f'run {number}: ' + json.dumps({k: v for k, v in figures.items() if k != 'details'}))
+    return figures
+
+
+def ratio(numerator, denominator):
+    return round(numerator / denominator, 3) if numerator and denominator else None
 
 
 def run_once(number, args, log_dir):
@@ -738,9 +950,16 @@ def parse_args(argv):
     parser.add_argument('--users', type=int, default=10, help='users, one batch each (default 10)')
     parser.add_argument('--per-user', type=int, default=10, help='articles per user, at most 10 (default 10)')
     parser.add_argument('--skip-baseline', action='store_true', help='no fresh-browser baseline (no speedup figure)')
+    parser.add_argument('--webdriver-url', metavar='URL',
+                        help='a Selenium Grid: each run compares the workload through local chromedriver and '
+                             'through it (no warm probes, no baseline)')
+    parser.add_argument('--hosts', type=int, choices=(1, 2), default=1,
+                        help='2: also run the Grid workload from two hosts sharing the database (needs --webdriver-url)')
     args = parser.parse_args(argv)
     if args.runs < 1 or args.users < 1 or not 1 <= args.per_user <= 10:
         parser.error('--runs and --users must be 1 or more, --per-user from 1 to 10')
+    if args.hosts == 2 and not args.webdriver_url:
+        parser.error('--hosts 2 runs on a Grid: give --webdriver-url')
     return args
 
 
@@ -759,11 +978,18 @@ def main(argv=None):
                      'tasks': args.users * args.per_user, 'skip_baseline': args.skip_baseline,
                      'sandbox_publish_latency_ms': PUBLISH_LATENCY_MS, 'warm_probes': WARM_PROBES,
                      'memory_sample_interval_s': SAMPLE_INTERVAL, 'sampler_niceness': SAMPLER_NICENESS,
-                     'service': {**service_settings(), 'TOPN_DRIVER_REUSE': '1 (main), 0 (baseline)'}},
-        'notes': NOTES,
+                     'service': {**service_settings(), 'TOPN_DRIVER_REUSE': '1 (main), 0 (baseline)'},
+                     'webdriver_url': args.webdriver_url, 'hosts': args.hosts},
+        'notes': GRID_NOTES if args.webdriver_url else NOTES,
     }
+    if args.webdriver_url:
+        report['settings']['warm_probes'] = 0
+        report['settings']['service']['TOPN_DRIVER_REUSE'] = '1'
+        report['settings']['two_hosts'] = {'host_ids': HOST_IDS, 'split': 'TOPN_WORKERS and TOPN_MAX_DRIVERS halved '
+                                           'per host; the first serves the web app, the second runs --no-web'}
+    once = run_once_with_grid if args.webdriver_url else run_once
     try:
-        runs = repeat_runs(args.runs, lambda number: run_once(number, args, log_dir))
+        runs = repeat_runs(args.runs, lambda number: once(number, args, log_dir))
     except KeyboardInterrupt:
         log('interrupted; the services were stopped and their databases, keys and browsers removed')
         return 130

@@ -38,7 +38,7 @@ from publishers import load_publishers  # noqa: E402
 from scheduler import Scheduler, connect_redis  # noqa: E402
 from tasks import FINISHED  # noqa: E402
 
-pytest_plugins = ('wordpress_site',)  # the real WordPress fixture, for the tests that need one
+pytest_plugins = ('wordpress_site', 'grid_site')  # a real WordPress and Selenium Grid, for the tests that need them
 
 MYSQL_HOST = os.environ.get('TOPN_TEST_MYSQL_HOST', '127.0.0.1')
 MYSQL_PORT = int(os.environ.get('TOPN_TEST_MYSQL_PORT', '3306'))
