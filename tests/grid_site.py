@@ -32,6 +32,7 @@ class RunningGrid:
             raise ValueError("mode must be 'standalone' or 'hub_and_node'")
         self.folder = pathlib.Path(folder)
         self.mode = mode
+        self.session_timeout = session_timeout
         self.config_file = grid_lib.write_config(self.folder, slots, session_timeout, request_timeout)
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'

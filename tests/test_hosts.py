@@ -184,8 +184,9 @@ def test_a_host_id_held_by_a_live_supervisor_on_another_machine_is_refused(confi
         presence.join(web=False)
 
 
-def test_a_host_with_another_secret_key_than_the_others_refuses_to_start(start_service, config, tmp_path):
+def test_a_host_with_another_secret_key_than_the_others_refuses_to_start(start_service, config, db, tmp_path):
     start_service('--no-web', TOPN_HOST_ID='first', TOPN_SECRET_KEY='the key of the team', TOPN_WORKERS=1)
+    wait_until(lambda: db.host('first') is not None, timeout=20, message='the first host to join')
 
     second = subprocess.run([sys.executable, str(ROOT / 'topn.py'), 'serve', '--no-web'], cwd=ROOT,
                             env={**os.environ, 'TOPN_MYSQL_URL': config.mysql_url, 'TOPN_REDIS_URL': config.redis_url,
