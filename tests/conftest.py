@@ -28,6 +28,7 @@ import waitress.server
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from accounts import AccountStore  # noqa: E402
 import auth  # noqa: E402
 import sandbox  # noqa: E402
 from config import Config  # noqa: E402
@@ -272,6 +273,25 @@ def platform():
 
 ZHIHU_HOSTS = {'zhuanlan': 'zhuanlan.zhihu.localhost', 'www': 'www.zhihu.localhost', 'api': 'api.zhihu.localhost',
                'upload': 'zhihu-pics-upload.zhimg.localhost', 'pictures': 'picx.zhimg.localhost'}
+
+
+@pytest.fixture
+def sandbox_platform(platform):
+    platform.call('POST', '/api/reset')
+    return platform
+
+
+@pytest.fixture
+def sandbox_user(make_user, db, config, sandbox_platform):
+    """A TOP_N user whose sandbox login is stored, as `account set` stores it."""
+    store = AccountStore(db, SECRET)
+    publisher = load_publishers(config)['sandbox']
+
+    def make(name):
+        user = make_user(name)
+        store.save(user.id, publisher, {'cookies': sandbox_platform.session_for(name)})
+        return user
+    return make
 
 
 @pytest.fixture(scope='module')

@@ -12,16 +12,8 @@ import urllib.request
 
 import pytest
 
-from accounts import AccountStore
 from conftest import SECRET, all_finished, answers, batch, create, free_port, http, tasks, wait_until
 from pool import find_browser_processes
-from publishers import load_publishers
-
-@pytest.fixture
-def sandbox_platform(platform):
-    platform.call('POST', '/api/reset')
-    return platform
-
 
 @pytest.fixture
 def browser_service(start_service, sandbox_platform, tmp_path, config):
@@ -31,19 +23,6 @@ def browser_service(start_service, sandbox_platform, tmp_path, config):
                         TOPN_STATE_DIR=str(tmp_path / 'state'), TOPN_BROWSER_ROOT=str(tmp_path / 'browsers'))
         return start_service(*args, **{**settings, **env})
     return start
-
-
-@pytest.fixture
-def sandbox_user(make_user, db, config, sandbox_platform):
-    """A TOP_N user whose sandbox login is stored, as `account set` stores it."""
-    store = AccountStore(db, SECRET)
-    publisher = load_publishers(config)['sandbox']
-
-    def make(name):
-        user = make_user(name)
-        store.save(user.id, publisher, {'cookies': sandbox_platform.session_for(name)})
-        return user
-    return make
 
 
 def browser_processes(tmp_path):

@@ -9,34 +9,21 @@ import time
 
 import pytest
 
-from accounts import AccountStore
 from conftest import SECRET, all_finished, batch, create, exactly_one_success_each, tasks, wait_until
 from grid_site import remote_browser
-from publishers import load_publishers
 
 SLOTS = 4
 
 
 @pytest.fixture
-def sandbox(platform):
-    platform.call('POST', '/api/reset')
-    return platform
+def sandbox(sandbox_platform):
+    return sandbox_platform
 
 
 @pytest.fixture
-def writers(make_user, db, config, sandbox):
-    """TOP_N users whose sandbox logins are stored."""
-    store = AccountStore(db, SECRET)
-    publisher = load_publishers(config)['sandbox']
-
-    def make(count):
-        users = []
-        for i in range(count):
-            user = make_user(f'writer{i}')
-            store.save(user.id, publisher, {'cookies': sandbox.session_for(user.name)})
-            users.append(user)
-        return users
-    return make
+def writers(sandbox_user):
+    """`count` TOP_N users whose sandbox logins are stored."""
+    return lambda count: [sandbox_user(f'writer{i}') for i in range(count)]
 
 
 @pytest.fixture
