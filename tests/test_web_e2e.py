@@ -72,6 +72,22 @@ def field_values(driver, name):
     return driver.execute_script('return [...document.getElementsByName(arguments[0])].map(field => field.value)', name)
 
 
+def text_of(driver, selector):
+    """The text of the element at `selector`, read in one go: htmx swaps the form and the
+    table, so an element found one step earlier may be gone when its text is read."""
+    return driver.execute_script('return document.querySelector(arguments[0]).innerText', selector)
+
+
+GROUPS_JS = """
+return [...document.querySelectorAll('#tasks tbody.article-group')].map(group => ({
+    title: group.querySelector('td.title').innerText,
+    platforms: [...group.querySelectorAll('td.platform')].map(cell => cell.innerText),
+    statuses: [...group.querySelectorAll('tr')].map(row => row.dataset.status),
+    text: group.innerText,
+}));
+"""
+
+
 def click(driver, selector):
     """Click, unless the element was just swapped out; then the caller looks again."""
     try:
@@ -136,7 +152,7 @@ def test_a_batch_publishes_live_in_the_browser_then_the_table_stops_polling(
                     (alice.id,))
     chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
 
-    wait_until(lambda: '已提交 3 个发布任务' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
+    wait_until(lambda: '已提交 3 个发布任务' in text_of(chrome, '#batch-form'), timeout=10,
                message='the form to confirm the batch')
     wait_until(lambda: len(rows(chrome)) == 3, timeout=10, message='three rows in the table')
     # A task the pacing defers is claimed first: the table may catch it running for a moment
@@ -194,21 +210,19 @@ def test_a_two_platform_batch_scheduled_from_the_page_shows_scheduled_then_publi
     chrome.execute_script('arguments[0].value = arguments[1]', picker, due.strftime('%Y-%m-%dT%H:%M'))
     chrome.find_element(By.NAME, 'title').send_keys('定时发到两个平台')
     chrome.find_element(By.NAME, 'content').send_keys('一篇文章，两个平台，同一个时间。')
-    assert config.display_timezone in chrome.find_element(By.ID, 'batch-form').text
+    assert config.display_timezone in text_of(chrome, '#batch-form')
     chrome.find_element(By.CSS_SELECTOR, '#batch-form button.primary').click()
 
-    wait_until(lambda: '已安排 2 个发布任务' in chrome.find_element(By.ID, 'batch-form').text, timeout=10,
+    wait_until(lambda: '已安排 2 个发布任务' in text_of(chrome, '#batch-form'), timeout=10,
                message='the form to confirm the scheduled batch')
     wait_until(lambda: len(chrome.find_elements(By.CSS_SELECTOR, '#tasks tr[data-task-id]')) == 2, timeout=10,
                message='two rows in the table')
-    group, = chrome.find_elements(By.CSS_SELECTOR, '#tasks tbody.article-group')
-    assert group.find_element(By.CSS_SELECTOR, 'td.title').text == '定时发到两个平台'
-    assert [cell.text for cell in group.find_elements(By.CSS_SELECTOR, 'td.platform')] \
-        == ['沙盒平台', '知乎']
-    assert [row.get_attribute('data-status') for row in group.find_elements(By.CSS_SELECTOR, 'tr')] == \
-        ['scheduled', 'scheduled']
-    assert due.strftime('%m-%d %H:%M:00') in group.text
-    assert config.display_timezone in chrome.find_element(By.ID, 'tasks').text
+    group, = chrome.execute_script(GROUPS_JS)
+    assert group['title'] == '定时发到两个平台'
+    assert group['platforms'] == ['沙盒平台', '知乎']
+    assert group['statuses'] == ['scheduled', 'scheduled']
+    assert due.strftime('%m-%d %H:%M:00') in group['text']
+    assert config.display_timezone in text_of(chrome, '#tasks')
 
     wait_until(lambda: {row.status for row in rows_by_task(chrome)} == {'success'}, timeout=150,
                message='both tasks published')
