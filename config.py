@@ -78,6 +78,7 @@ class Config:
     zhihu_upload_url: str = 'https://zhihu-pics-upload.zhimg.com'
     zhihu_pictures_url: str = 'https://picx.zhimg.com'
     zhihu_pause: float = 300.0
+    zhihu_verify_wait: float = 30.0
     log_level: str = 'INFO'
     pacing: tuple = (('zhihu', 60.0), ('sandbox', 0.0), ('wordpress', 0.0))
 
@@ -139,7 +140,8 @@ class Config:
                      'reaper_interval', 'reconcile_interval', 'driver_acquire_timeout', 'retention_days',
                      'session_ttl', 'login_lockout'):
             _require(getattr(self, name) > 0, 'TOPN_' + name.upper(), 'must be more than 0')
-        for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle', 'login_failure_delay', 'zhihu_pause'):
+        for name in ('shutdown_grace', 'noop_delay', 'unknown_outcome_settle', 'login_failure_delay', 'zhihu_pause',
+                     'zhihu_verify_wait'):
             _require(getattr(self, name) >= 0, 'TOPN_' + name.upper(), 'must be 0 or more')
         _require(self.redis_prefix != '', 'TOPN_REDIS_PREFIX', 'must not be empty')
         _require(self.login_max_failures >= 1, 'TOPN_LOGIN_MAX_FAILURES', 'must be 1 or more')

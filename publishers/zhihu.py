@@ -142,7 +142,6 @@ REQUEST_SECONDS = 20.0
 PICTURE_SECONDS = 60.0         # one picture's bytes to the image host, and Zhihu processing it
 PAGE_SECONDS = 30.0
 REFRESH_SECONDS = 15.0         # how long a real page gets for its script to renew __zse_ck
-VERIFY_SECONDS = 30.0          # public tools see /p/<digits> within ~30 s of publishing
 RECHECK_SECONDS = 10.0         # after an unknown outcome, how long /p/<id> may lag
 POLL_SECONDS = 1.0
 PAGE_POLL_SECONDS = 0.25
@@ -217,16 +216,17 @@ class ZhihuPublisher(Publisher):
 
     def __init__(self, zhuanlan_url='https://zhuanlan.zhihu.com', www_url='https://www.zhihu.com',
                  api_url='https://api.zhihu.com', upload_url='https://zhihu-pics-upload.zhimg.com',
-                 pictures_url='https://picx.zhimg.com', pause=300.0):
+                 pictures_url='https://picx.zhimg.com', pause=300.0, verify_wait=30.0):
         self.origins = {'zhuanlan': zhuanlan_url.rstrip('/'), 'www': www_url.rstrip('/'), 'api': api_url.rstrip('/')}
         self.picture_hosts = {'upload': upload_url.rstrip('/'), 'pictures': pictures_url.rstrip('/')}
         self.pause = pause
+        self.verify_wait = verify_wait
 
     @classmethod
     def from_config(cls, config):
         return cls(zhuanlan_url=config.zhihu_url, www_url=config.zhihu_www_url, api_url=config.zhihu_api_url,
                    upload_url=config.zhihu_upload_url, pictures_url=config.zhihu_pictures_url,
-                   pause=config.zhihu_pause)
+                   pause=config.zhihu_pause, verify_wait=config.zhihu_verify_wait)
 
     def article_url(self, article_id):
         return self.origins['zhuanlan'] + ENDPOINTS['article_page'][1].format(id=article_id)
@@ -275,14 +275,14 @@ class ZhihuPublisher(Publisher):
         else:
             lost_reason = None
         attempt.progress(85)
-        verdict = session.verify(article_id, wait=VERIFY_SECONDS)
+        verdict = session.verify(article_id, wait=self.verify_wait)
         if verdict.kind == 'missing':
             url = self.article_url(article_id)
             if lost_reason:
                 raise PublishError(f'知乎的发布应答丢失（{lost_reason}），且读者在 {url} 还看不到这篇文章（{verdict.detail}）：'
                                    '下次尝试会先核对这篇文章，不会重复发文 '
                                    '(publish answer lost and the article is not public yet; the retry checks first)')
-            raise PublishError(f'知乎回答发布成功，但读者在 {VERIFY_SECONDS:.0f} 秒内仍看不到 {url}（{verdict.detail}）：'
+            raise PublishError(f'知乎回答发布成功，但读者在 {self.verify_wait:.0f} 秒内仍看不到 {url}（{verdict.detail}）：'
                                '下次尝试会先核对这篇文章，不会重复发文 '
                                '(Zhihu accepted the publish but a reader does not see the article yet)')
         if verdict.kind != 'published':

@@ -120,13 +120,15 @@ def schema_tables():
     return [match.group(1) for match in found if match]
 
 
-def truncate_tables(database_name):
+def empty_tables(database_name):
+    """Empty every table. DELETE, not TRUNCATE: a TRUNCATE recreates the table's file (about
+    50 ms for the schema, each test), a DELETE of a test's few rows takes 2 ms."""
     conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user='root', password='', database=database_name)
     try:
         with conn.cursor() as cur:
             cur.execute('SET FOREIGN_KEY_CHECKS = 0')
             for table in schema_tables():
-                cur.execute(f'TRUNCATE TABLE {table}')
+                cur.execute(f'DELETE FROM {table}')
             cur.execute('SET FOREIGN_KEY_CHECKS = 1')
         conn.commit()
     finally:
@@ -136,7 +138,7 @@ def truncate_tables(database_name):
 @pytest.fixture
 def config(mysql_database, redis_server):
     """A fast configuration against this run's database and key prefix, emptied around each test."""
-    truncate_tables(mysql_database)
+    empty_tables(mysql_database)
     delete_prefix(redis_server, TEST_PREFIX)
     yield Config(
         mysql_url=f'mysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{mysql_database}',

@@ -464,7 +464,7 @@ def test_article_only_its_author_sees_is_not_counted_as_published(standin, publi
 def test_soft_404_page_is_not_counted_as_published(standin, publisher, make_attempt, monkeypatch):
     """Against the local stand-in: /p/<id> answers HTTP 200 titled 「你似乎来到了没有知识存在的荒原」;
     that is a page not found, so the attempt fails (to look again later), not succeeds."""
-    monkeypatch.setattr(zhihu, 'VERIFY_SECONDS', 3.0)
+    publisher.verify_wait = 3.0
     cookies = standin.add_account('writer')
     standin.new_article_visibility = 'soft_404'
 

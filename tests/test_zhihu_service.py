@@ -147,7 +147,7 @@ def test_publish_answer_without_a_url_still_ends_with_the_articles_own_url(zhihu
                                               ('soft_404', '你似乎来到了没有知识存在的荒原')])
 def test_an_article_a_reader_cannot_see_is_not_counted_as_published(
         zhihu_service, zhihu_writer, standin, visibility, seen):
-    service = zhihu_service(TOPN_MAX_RETRIES=0)
+    service = zhihu_service(TOPN_MAX_RETRIES=0, TOPN_ZHIHU_VERIFY_WAIT=3)
     alice = zhihu_writer('alice')
     standin.new_article_visibility = visibility
     [task_id] = submit(service, alice, [article('为什么学 Python')])
