@@ -29,7 +29,9 @@ does, each phase on a fresh service and a fresh sandbox:
 
 With `--webdriver-url URL` (a Selenium Grid with TOPN_MAX_DRIVERS free slots, e.g. `python
 grid.py standalone --port 4445 --slots 8`) a run compares where the browsers live instead, with
-no warm probes and no baseline, each phase on a fresh service and sandbox:
+no warm probes and no baseline, each phase on a fresh service and sandbox whose browsers are
+first warmed (one task per TOPN_MAX_DRIVERS), in alternating order (odd runs local first, even
+runs the Grid phases first, so neither side always runs on the emptier machine):
 1. local: the workload through local chromedriver, as above;
 2. grid: the same workload with TOPN_WEBDRIVER_URL=URL: every browser is a session at the Grid;
    grid_to_local = its wall / the local wall;
@@ -182,9 +184,9 @@ NOTES = {
 
 GRID_NOTES = {
     'local_wall_seconds': 'the workload through local chromedriver (as wall_seconds without --webdriver-url): '
-                          'max(completed_at) - min(created_at) over its tasks; starts with no browser running',
+                          'max(completed_at) - min(created_at) over its tasks; starts with the browsers warm',
     'grid_wall_seconds': 'the same workload on a fresh service whose browsers are sessions at the Grid '
-                         '(TOPN_WEBDRIVER_URL); starts with no session open',
+                         '(TOPN_WEBDRIVER_URL); starts with its sessions open and warm',
     'grid_to_local': 'grid_wall_seconds / local_wall_seconds, within one run',
     'grid_two_hosts_wall_seconds': 'the same Grid workload sent to one service but run by two: bench-host-a '
                                    '(web app and half the workers and TOPN_MAX_DRIVERS) and bench-host-b '
@@ -852,15 +854,17 @@ def end_grid_sessions_left(url):
 
 
 def run_once_with_grid(number, args, log_dir):
-    """The workload through local chromedriver, then through the Grid at --webdriver-url, then
-    (--hosts 2) through the Grid from two hosts; each phase on a fresh service and sandbox."""
+    """The workload through local chromedriver, through the Grid at --webdriver-url and (--hosts 2)
+    through the Grid from two hosts, in that order on odd runs and the reverse on even ones; each
+    phase on a fresh service and sandbox."""
     load_start = os.getloadavg()[0]
-    phases = {'local': run_phase(f'local{number}', True, args, log_dir, warm=False, warm_browsers=True),
-              'grid': run_phase(f'grid{number}', True, args, log_dir, warm=False, webdriver_url=args.webdriver_url,
-                                warm_browsers=True)}
+    plans = {'local': dict(name=f'local{number}'),
+             'grid': dict(name=f'grid{number}', webdriver_url=args.webdriver_url)}
     if args.hosts == 2:
-        phases['grid_two_hosts'] = run_phase(f'grid2h{number}', True, args, log_dir, warm=False,
-                                             webdriver_url=args.webdriver_url, hosts=2, warm_browsers=True)
+        plans['grid_two_hosts'] = dict(name=f'grid2h{number}', webdriver_url=args.webdriver_url, hosts=2)
+    order = list(plans) if number % 2 else list(reversed(plans))
+    phases = {phase: run_phase(reuse=True, args=args, log_dir=log_dir, warm=False, warm_browsers=True, **plans[phase])
+              for phase in order}
     walls = {name: phase['wall_seconds'] for name, phase in phases.items()}
     figures = {'local_wall_seconds': walls['local'], 'grid_wall_seconds': walls['grid'],
                'grid_to_local': ratio(walls['grid'], walls['local'])}
