@@ -164,7 +164,7 @@ def test_with_the_grid_full_tasks_wait_in_the_queue_and_none_fails_for_lack_of_a
     try:
         alpha = grid_host(grid, 'alpha', TOPN_TASK_TIMEOUT=8)
         [task_ids] = submit_batches(alpha, users, 3).values()
-        time.sleep(12)  # longer than TOPN_TASK_TIMEOUT and several session-request timeouts
+        time.sleep(12)  # longer than TOPN_TASK_TIMEOUT and two session-request timeouts
         statuses = {task['status'] for task in tasks(alpha, users[0], task_ids)}
         assert statuses == {'pending'}
         assert not any(db.history(task_id) for task_id in task_ids)
